@@ -1,0 +1,98 @@
+# SPDX-License-Identifier: MIT
+# AdamWPrune: `make help` lists the targets. Configuration lives in .config
+# (Kconfig, edited with `make menuconfig` or loaded with `make defconfig`);
+# Python reads it through kconfiglib. Make only passes the path of .config and
+# the make-line overrides below.
+
+PYTHON_BOOT ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.installed
+CONFIG      ?= .config
+DEMO_CONFIG := results/demo/.config
+
+# Make-line shorthands that become config overrides (validated like .config).
+SHORTHANDS := EPOCHS MAX_ITERS BATCH_SIZE LR SEED DEVICE DATASET DATA_DIR NPROC CHECKPOINT_INTERVAL
+OVERRIDES  := $(foreach v,$(SHORTHANDS),$(if $($(v)),--override=$(v)=$($(v))))
+SET        ?=
+
+.DEFAULT_GOAL := all
+.PHONY: all help install demo check test defconfig menuconfig olddefconfig savedefconfig \
+        list-defconfigs continue evaluate clean mrproper
+
+help:
+	@echo "AdamWPrune - pruning during training with the state Adam already keeps"
+	@echo ""
+	@echo "Set-up and checks:"
+	@echo "  make demo              create .venv if needed, install, train the LeNet-5 demo (embedded MNIST)"
+	@echo "  make check             create .venv if needed, install, run the whole test suite"
+	@echo "  make install           only create/refresh .venv (reinstalls when pyproject.toml changes)"
+	@echo ""
+	@echo "Configuration (Kconfig, stored in .config):"
+	@echo "  make defconfig DEFCONFIG=<name>   load a preset from defconfigs/ or <model>/defconfigs/"
+	@echo "  make defconfig-<name>             the same"
+	@echo "  make list-defconfigs              list the presets"
+	@echo "  make menuconfig                   edit .config interactively"
+	@echo "  make olddefconfig                 update .config to the current Kconfig (new symbols get defaults)"
+	@echo "  make savedefconfig                write the minimal file 'defconfig' that reproduces .config"
+	@echo ""
+	@echo "Training:"
+	@echo "  make                   train what .config describes; results in results/<timestamp>_<run>/"
+	@echo "  make continue [DIR=]   resume the newest interrupted run (or DIR) from its last.pt"
+	@echo "  make evaluate RUN=<run dir> DATA_DIR=<dir>   evaluate best.pt on another copy of the dataset"
+	@echo ""
+	@echo "Overrides on any training target (validated like .config, recorded in the run):"
+	@echo "  EPOCHS= MAX_ITERS= BATCH_SIZE= LR= SEED= DEVICE=cpu|cuda|auto DATASET= DATA_DIR= NPROC="
+	@echo "  CHECKPOINT_INTERVAL=  SET=\"SYMBOL=value SYMBOL2=value\""
+	@echo ""
+	@echo "  make clean             remove results/ ; make mrproper also removes .venv and .config"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+all: $(STAMP)
+	$(PY) -m adamwprune run --config $(CONFIG) $(OVERRIDES) --set '$(SET)'
+
+demo: $(STAMP)
+	@mkdir -p $(dir $(DEMO_CONFIG))
+	$(PY) -m adamwprune.kconfig_cli --config $(DEMO_CONFIG) defconfig lenet5-demo
+	$(PY) -m adamwprune run --config $(DEMO_CONFIG) $(OVERRIDES) --set '$(SET)'
+
+check test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+defconfig: $(STAMP)
+	@test -n "$(DEFCONFIG)" || { echo "usage: make defconfig DEFCONFIG=<name> (make list-defconfigs)"; exit 2; }
+	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) defconfig $(DEFCONFIG) $(OVERRIDES) --set '$(SET)'
+
+defconfig-%: $(STAMP)
+	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) defconfig $* $(OVERRIDES) --set '$(SET)'
+
+list-defconfigs: $(STAMP)
+	@$(PY) -m adamwprune.kconfig_cli list
+
+menuconfig: $(STAMP)
+	srctree=$(CURDIR) KCONFIG_CONFIG=$(CONFIG) $(VENV)/bin/menuconfig Kconfig
+
+olddefconfig: $(STAMP)
+	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) olddefconfig
+
+savedefconfig: $(STAMP)
+	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) savedefconfig defconfig
+
+continue: $(STAMP)
+	$(PY) -m adamwprune continue $(if $(DIR),--dir $(DIR))
+
+evaluate: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make evaluate RUN=<run dir> [DATA_DIR=<dir>]"; exit 2; }
+	$(PY) -m adamwprune evaluate --run $(RUN) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+clean:
+	rm -rf results
+
+mrproper: clean
+	rm -rf $(VENV) .config .config.old

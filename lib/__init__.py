@@ -1,0 +1,1 @@
+"""AdamWPrune: pruning during training with the state Adam already keeps."""

@@ -1,0 +1,35 @@
+"""Atomic checkpoints: last.pt (everything needed to resume) and best.pt (the model)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message says how to recover."""
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint written by save_atomic, with one clear error if it is damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint there (was the run started? `make status` lists runs)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated/corrupt files
+        raise CheckpointError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {str(exc)[:80]}); "
+                              "delete it to restart this run from scratch") from None

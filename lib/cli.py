@@ -1,0 +1,231 @@
+"""Command line of the project: `python -m adamwprune <command>` (the Makefile calls it).
+
+  run       train what .config describes (plus make-line overrides)
+  continue  resume the latest interrupted run (or DIR) from its last.pt
+  evaluate  evaluate a run's best checkpoint on another copy of the dataset
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import checkpoint as ckpt
+from .config import ROOT, ConfigError, load, parse_set
+from .rundir import new_run_path, read_json, write_json_atomic
+
+EXIT_DIVERGED = 3
+
+
+# --------------------------------------------------------------------- tasks
+def load_task(model: str, root: Path = ROOT):
+    """The TASK object of <root>/<model>/train.py."""
+    path = root / model / "train.py"
+    if not path.is_file():
+        raise ConfigError(f"model {model!r} has no task file at {path}")
+    spec = importlib.util.spec_from_file_location(f"adamwprune_task_{model}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TASK
+
+
+def cell_id(cfg) -> str:
+    """A short, readable name of what a run is: model_optimizer_pruning[_sparsity][_variant]_sSEED."""
+    parts = [cfg.model, cfg.optimizer if cfg.optimizer != "adamwprune" else f"adamwprune-{cfg.adamwprune_base}",
+             cfg.pruning]
+    if cfg.pruning != "none":
+        parts.append(f"{round(100 * cfg.target_sparsity)}")
+    if cfg.optimizer == "adamwprune" and cfg.pruning == "state":
+        parts.append(cfg.adamwprune_variant)
+    parts.append(f"s{cfg.seed}")
+    return "_".join(parts)
+
+
+# ----------------------------------------------------------------------- run
+def parse_overrides(items: Sequence[str], set_text: str = "") -> list[tuple[str, str]]:
+    pairs = []
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not NAME=value")
+        k, v = item.split("=", 1)
+        pairs.append((k, v))
+    pairs += list(parse_set(set_text).items())
+    return pairs
+
+
+def train_one(config_path: Optional[Path], overrides: list[tuple[str, str]], run_dir: Optional[Path] = None,
+              resume: bool = False, config_text: Optional[str] = None) -> int:
+    """Train one run; returns the process exit status."""
+    from .engine import STATUS_COMPLETED, Trainer
+
+    cfg, _, kconf = load(config_path, dict(overrides))
+    if config_text is None:
+        config_text = Path(config_path).read_text() if config_path else _config_text(kconf)
+    if run_dir is None:
+        run_dir = new_run_path(ROOT / cfg.results_dir if not Path(cfg.results_dir).is_absolute()
+                               else Path(cfg.results_dir), cell_id(cfg))
+    if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_torchrun(cfg.nproc, config_path, overrides, run_dir, resume, config_text)
+    task = load_task(cfg.model)
+    trainer = Trainer(task, cfg, run_dir, config_text=config_text,
+                      overrides={"pairs": [list(p) for p in overrides]})
+    try:
+        final = trainer.fit(resume=resume)
+    finally:
+        trainer.dist.close()
+    return 0 if final["status"] == STATUS_COMPLETED else EXIT_DIVERGED
+
+
+def _config_text(kconf) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "config"
+        kconf.write_config(str(p), save_old=False)
+        return p.read_text()
+
+
+def _launch_torchrun(nproc: int, config_path, overrides, run_dir: Path, resume: bool, text: str) -> int:
+    """Re-run this command under torchrun with one process per GPU (or CPU worker)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir / ".config"
+    if not cfg_file.exists():
+        cfg_file.write_text(text)
+    rdzv = os.environ.get("TORCHRUN_ARGS", "--standalone").split()
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={nproc}",
+           "-m", "adamwprune", "run", "--config", str(cfg_file), "--run-dir", str(run_dir)]
+    cmd += [f"--override={k}={v}" for k, v in overrides]
+    if resume:
+        cmd.append("--resume")
+    return subprocess.call(cmd)
+
+
+# ------------------------------------------------------------------ continue
+def find_unfinished(results: Path) -> Optional[Path]:
+    """The newest run directory with a last.pt and no final.json."""
+    runs = sorted((p.parent for p in Path(results).glob("*/last.pt")), key=lambda p: p.name)
+    for run in reversed(runs):
+        if read_json(run / "final.json") is None:
+            return run
+    return None
+
+
+def continue_run(run_dir: Path) -> int:
+    """Resume one run from its last.pt, with the .config and overrides it was started with."""
+    cfg_json = read_json(run_dir / "config.json")
+    if cfg_json is None or not (run_dir / ".config").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.json/.config)")
+    pairs = [tuple(p) for p in cfg_json.get("overrides", {}).get("pairs", [])]
+    return train_one(run_dir / ".config", pairs, run_dir=run_dir, resume=True)
+
+
+# ------------------------------------------------------------------ evaluate
+def evaluate_run(run_dir: Path, data_dir: Optional[str]) -> dict:
+    """Evaluate best.pt of a run on the test split found under data_dir."""
+    import torch
+
+    from .config import Config
+    from .engine import Trainer
+
+    state = ckpt.load(Path(run_dir) / "best.pt")
+    cfg = Config(**state["config"])
+    if data_dir:
+        cfg = cfg.replace(data_dir=data_dir, data_download=False)
+    task = load_task(cfg.model)
+    trainer = Trainer(task, cfg, Path(run_dir))
+    trainer.device = torch.device("cpu")
+    trainer.data = task.build_data(cfg)
+    trainer.model = task.build_model(cfg)
+    trainer.model.load_state_dict(state["model"])
+    import contextlib
+
+    trainer.amp = contextlib.nullcontext()
+    loss, metric = trainer.evaluate(trainer.data.test)
+    result = {"run": str(run_dir), "checkpoint_step": state["step"], "data_dir": cfg.data_dir,
+              "dataset": cfg.dataset, "test_loss": loss, "test_metric": metric,
+              "metric_name": task.metric_name}
+    write_json_atomic(Path(run_dir) / "eval.json", result)
+    print(f"{task.metric_name} on {cfg.dataset} test split under {cfg.data_dir}: {metric:.2f} "
+          f"(loss {loss:.4f}); wrote {Path(run_dir) / 'eval.json'}")
+    return result
+
+
+# ----------------------------------------------------------- direct scripts
+def direct_main(model: str, argv: Sequence[str]) -> int:
+    """`python <model>/train.py --flags`: the flags become overrides of the model's defconfig."""
+    p = argparse.ArgumentParser(prog=f"{model}/train.py", description=f"Train {model} without Kconfig.")
+    p.add_argument("--optimizer", help="sgd, adam, adamw, adamwadv, adamwspam, adamwprune")
+    p.add_argument("--pruning-method", help="none, magnitude, movement, state (state needs adamwprune)")
+    p.add_argument("--target-sparsity", type=float, help="fraction of prunable weights to zero, e.g. 0.7")
+    p.add_argument("--adamwprune-base", help="adamw, adamwspam, adam, adamwadv")
+    p.add_argument("--variant", help="AdamWPrune importance score: bitter0, bitter1, bitter2")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-iters", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda")
+    p.add_argument("--dataset", help="e.g. mnist, mnist_embedded, cifar10, text, synthetic")
+    p.add_argument("--data-dir")
+    p.add_argument("--results-dir")
+    p.add_argument("--set", default="", help='any Kconfig symbols: --set "OPT_BETA2=0.99 RUN_AMP=n"')
+    args = p.parse_args(argv)
+    base = ROOT / model / "defconfigs" / model
+    pairs: list[tuple[str, str]] = [] if base.is_file() else [("MODEL", model)]
+    flag_map = [("optimizer", "OPTIMIZER"), ("adamwprune_base", "ADAMWPRUNE_BASE"),
+                ("pruning_method", "PRUNING"), ("variant", "ADAMWPRUNE_VARIANT"),
+                ("target_sparsity", "PRUNING_TARGET_SPARSITY"), ("epochs", "EPOCHS"),
+                ("max_iters", "MAX_ITERS"), ("batch_size", "BATCH_SIZE"), ("lr", "LR"), ("seed", "SEED"),
+                ("device", "DEVICE"), ("dataset", "DATASET"), ("data_dir", "DATA_DIR"),
+                ("results_dir", "RUN_RESULTS_DIR")]
+    pairs += [(sym, str(getattr(args, attr))) for attr, sym in flag_map if getattr(args, attr) is not None]
+    pairs += list(parse_set(args.set).items())
+    try:
+        return train_one(base if base.is_file() else None, pairs)
+    except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ---------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m adamwprune")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train what .config describes")
+    r.add_argument("--config", default=".config")
+    r.add_argument("--override", action="append", default=[], help="NAME=value (shorthand or symbol)")
+    r.add_argument("--set", default="", help='"SYMBOL=value SYMBOL2=value"')
+    r.add_argument("--run-dir", type=Path)
+    r.add_argument("--resume", action="store_true")
+    c = sub.add_parser("continue", help="resume the latest interrupted run")
+    c.add_argument("--dir", type=Path, help="a run directory (default: the newest unfinished one)")
+    c.add_argument("--results", type=Path, default=ROOT / "results")
+    e = sub.add_parser("evaluate", help="evaluate a run's best checkpoint")
+    e.add_argument("--run", type=Path, required=True)
+    e.add_argument("--data-dir")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            if not Path(args.config).is_file():
+                raise ConfigError(f"{args.config}: no configuration yet; run `make defconfig DEFCONFIG=<name>` "
+                                  "first (`make list-defconfigs` lists them)")
+            return train_one(Path(args.config), parse_overrides(args.override, args.set),
+                             run_dir=args.run_dir, resume=args.resume)
+        if args.cmd == "continue":
+            run = args.dir or find_unfinished(args.results)
+            if run is None:
+                print(f"nothing to continue: every run under {args.results} has finished")
+                return 0
+            print(f"continuing {run}")
+            return continue_run(run)
+        if args.cmd == "evaluate":
+            evaluate_run(args.run, args.data_dir)
+            return 0
+    except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1

@@ -1,0 +1,424 @@
+"""The one training loop. Steps are the unit of time; epochs are converted at the edge.
+
+The loop does not know which optimizer or pruner it runs: both come from the
+registries, "no pruning" is a real null object, and the optimizer's step budget
+factor and the pruner's buffers are read through their common interface.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .distributed import DistContext
+from .lr import lr_at
+from .memory import memory_report
+from .params import param_groups, prunable_parameters
+from .registry import PruneSchedule, build_optimizer, build_pruner
+from .rundir import RunDir, environment
+
+STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "completed", "diverged", "failed"
+
+
+class DivergedError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------ set-up
+def select_device(choice: str, dist: DistContext) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("DEVICE=cuda but no CUDA device is visible; use DEVICE=cpu or DEVICE=auto")
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs this before its first call to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Optimizer steps of the run and the shared pruning ramp, in steps."""
+
+    steps_per_epoch: int
+    base_steps: int
+    schedule: PruneSchedule
+
+    @classmethod
+    def from_config(cls, cfg, steps_per_epoch: int) -> "Budget":
+        base = cfg.max_iters if cfg.max_iters > 0 else cfg.epochs * steps_per_epoch
+        pruning = cfg.pruning != "none"
+        start = round((cfg.ramp_start or 0.0) * base) if pruning else 0
+        end = max(start, round((cfg.ramp_end or 0.0) * base)) if pruning else 0
+        sched = PruneSchedule(
+            target=cfg.target_sparsity if pruning else 0.0, start=start, end=end,
+            interval=cfg.prune_interval or 1, schedule=cfg.prune_schedule or "cubic",
+            scope=cfg.prune_scope or "global", prune_embeddings=bool(cfg.prune_embeddings))
+        return cls(steps_per_epoch, base, sched)
+
+
+@dataclass
+class Best:
+    val_metric: Optional[float] = None
+    step: Optional[int] = None
+    test_metric: Optional[float] = None
+    val_loss: Optional[float] = None
+
+    def improved(self, value: float, higher_is_better: bool) -> bool:
+        if self.val_metric is None:
+            return True
+        return value > self.val_metric if higher_is_better else value < self.val_metric
+
+
+@dataclass
+class Progress:
+    """Progress bar on a terminal, a log line every so often otherwise."""
+
+    total: int
+    start: int
+    enabled: bool
+    every: int
+    bar: Any = None
+    stats: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, **stats) -> None:
+        self.stats.update({k: v for k, v in stats.items() if v is not None})
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            if step % self.every == 0 or step == self.total:
+                self.bar.set_postfix_str(self._fmt(), refresh=False)
+                self.bar.refresh()
+        elif step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total} {self._fmt()}", flush=True)
+
+    def _fmt(self) -> str:
+        s = self.stats
+        parts = [f"loss {s['loss']:.4f}" if "loss" in s else None,
+                 f"{s['metric_name']} {s['metric']:.2f}" if "metric" in s else None,
+                 f"sparsity {100 * s['sparsity']:.1f}%" if "sparsity" in s else None,
+                 f"lr {s['lr']:.2e}" if "lr" in s else None]
+        return " | ".join(p for p in parts if p)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------- training
+class Trainer:
+    """Owns one run: model, optimizer, pruner, data, run directory."""
+
+    def __init__(self, task, cfg, run_dir: Path, dist: Optional[DistContext] = None,
+                 config_text: Optional[str] = None, overrides: Optional[dict] = None):
+        self.task, self.cfg = task, cfg
+        self.dist = dist or DistContext.from_env()
+        self.run = RunDir(run_dir, enabled=self.dist.is_main)
+        self.config_text, self.overrides = config_text, overrides or {}
+        self.sampler = None
+
+    # -- construction
+    def setup(self) -> None:
+        cfg, task = self.cfg, self.task
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = select_device(cfg.device, self.dist)
+        self.dist.init(self.device)
+        self._start_sampler()
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.data = task.build_data(cfg)
+        self.model = task.build_model(cfg).to(self.device)
+        groups = param_groups(self.model, cfg.weight_decay or 0.0, bool(cfg.prune_embeddings))
+        self.budget = Budget.from_config(cfg, self.data.train.steps_per_epoch(cfg.batch_size))
+        self.optimizer = build_optimizer(cfg.optimizer, groups, cfg, self.budget.schedule, cfg.pruning)
+        self.pruner = build_pruner(cfg.pruning, self.model, self.optimizer, self.budget.schedule,
+                                   cfg.optimizer)
+        self.total_steps = round(self.budget.base_steps * getattr(self.optimizer, "step_budget_factor", 1.0))
+        for g in self.optimizer.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        self.train_model = self._wrap(self.model)
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16)
+                    if cfg.amp and self.device.type == "cuda" else contextlib.nullcontext())
+        self.eval_every = cfg.eval_interval or self.budget.steps_per_epoch
+        self.step, self.best = 0, Best()
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.cfg.compile:
+            model = torch.compile(model)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def _start_sampler(self) -> None:
+        if not self.dist.is_main:
+            return
+        from .monitor import MemorySampler
+
+        # A CPU run on a GPU machine must not report the GPU's memory as its own.
+        backend = "psutil" if self.device.type == "cpu" else None
+        self.sampler = MemorySampler(self.run / "memory.jsonl", interval_s=self.cfg.monitor_interval,
+                                     backend=backend)
+        self.sampler.start()
+        self.sampler.set_phase("setup")
+
+    def _set_phase(self, name: str) -> None:
+        if self.sampler is not None:
+            self.sampler.set_phase(name)
+
+    # -- checkpoints
+    def _checkpoint_state(self) -> dict:
+        state = {
+            "format": 1,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "pruner": self.pruner.state_dict(),
+            "best": vars(self.best).copy(),
+            "config": self.cfg.to_dict(),
+            # Batches are a function of (seed, step); only dropout-style randomness needs this.
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+        }
+        return state
+
+    def save_last(self) -> None:
+        if self.dist.is_main:
+            ckpt.save_atomic(self._checkpoint_state(), self.run / "last.pt")
+
+    def save_best(self) -> None:
+        if self.dist.is_main:
+            from .pruning import export_state_dict
+
+            ckpt.save_atomic({"format": 1, "step": self.step, "model": export_state_dict(self.model),
+                              "config": self.cfg.to_dict(), "val_metric": self.best.val_metric,
+                              "metric_name": self.task.metric_name}, self.run / "best.pt")
+
+    def resume(self) -> bool:
+        """Restore from last.pt if present; returns whether it resumed."""
+        path = self.run / "last.pt"
+        if not path.exists():
+            return False
+        state = ckpt.load(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.pruner.load_state_dict(state["pruner"])
+        self.step = int(state["step"])
+        self.best = Best(**state["best"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if self.device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all([t.cpu() for t in state["rng"]["cuda"]])
+        self.run.truncate_metrics(self.step)
+        return True
+
+    # -- one step
+    def _lr(self) -> float:
+        c = self.cfg
+        return lr_at(self.step, self.total_steps, c.lr, c.lr_schedule, c.warmup_steps, c.min_lr_ratio)
+
+    def train_step(self) -> float:
+        cfg, model = self.cfg, self.train_model
+        lr = self._lr()
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g["initial_lr"] / cfg.lr
+        x, y = self.data.train.train_batch(self.step, cfg.batch_size, cfg.seed,
+                                           self.dist.rank, self.dist.world_size)
+        micro = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
+        total = torch.zeros((), device=self.device)
+        for i, (xb, yb) in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else model.no_sync()
+            with sync:
+                with self.amp:
+                    loss = self.task.loss(model, (xb.to(self.device, non_blocking=True),
+                                                  yb.to(self.device, non_blocking=True)))
+                (loss / len(micro)).backward()
+            total += loss.detach()
+        loss_value = total.item() / len(micro)
+        if self.dist.broadcast_flag(not math.isfinite(loss_value), self.device):
+            raise DivergedError(f"loss is {loss_value} at step {self.step + 1}")
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.pruner.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_value
+
+    # -- evaluation
+    @torch.no_grad()
+    def evaluate(self, split) -> tuple[float, float]:
+        self.model.eval()
+        sums: dict[str, float] = {}
+        for xb, yb in self.task.eval_batches(split, self.cfg, self.dist.rank, self.dist.world_size):
+            with self.amp:
+                out = self.task.eval_sums(self.model, (xb.to(self.device), yb.to(self.device)))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        self.model.train()
+        return self.task.finish_eval(self.dist.all_reduce_sum(sums, self.device))
+
+    def sparsity(self) -> float:
+        return float(self.pruner.current_sparsity())
+
+    def _eval_and_log(self, train_loss: Optional[float], started: float) -> dict:
+        self._set_phase("eval")
+        val_loss, val_metric = self.evaluate(self.data.val)
+        test_loss, test_metric = self.evaluate(self.data.test)
+        self._set_phase("train")
+        row = {"step": self.step, "epoch": self.step / self.budget.steps_per_epoch,
+               "train_loss": train_loss, "val_loss": val_loss, "val_metric": val_metric,
+               "test_loss": test_loss, "test_metric": test_metric, "sparsity": self.sparsity(),
+               "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": time.time() - started}
+        if self.best.improved(val_metric, self.task.higher_is_better):
+            self.best = Best(val_metric, self.step, test_metric, val_loss)
+            self.save_best()
+        self.run.append_metrics(row)
+        return row
+
+    # -- the loop
+    def fit(self, resume: bool = False) -> dict:
+        started = time.time()
+        self.setup()
+        resumed = self.resume() if resume else False
+        self._write_start_files(resumed)
+        self._banner(resumed)
+        progress = Progress(self.total_steps, self.step, self.dist.is_main,
+                            max(1, self.cfg.log_interval))
+        self._set_phase("train")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        status, message, loss = STATUS_COMPLETED, None, None
+        train_time, steps_run = 0.0, 0
+        try:
+            while self.step < self.total_steps:
+                t = time.perf_counter()
+                loss = self.train_step()
+                train_time += time.perf_counter() - t
+                steps_run += 1
+                due_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
+                if due_eval:
+                    row = self._eval_and_log(loss, started)
+                    self.save_last()
+                    progress.update(self.step, metric=row["val_metric"], metric_name=self.task.metric_name)
+                elif self.step % self.cfg.checkpoint_interval == 0:
+                    self.save_last()
+                progress.update(self.step, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
+                                sparsity=self.sparsity() if due_eval or self.step % progress.every == 0 else None)
+        except DivergedError as exc:
+            status, message = STATUS_DIVERGED, f"training diverged: {exc}; lower LR= or enable TRAIN_GRAD_CLIP"
+        finally:
+            progress.close()
+        final = self._final(status, message, started, train_time, steps_run)
+        return final
+
+    # -- files
+    def _write_start_files(self, resumed: bool) -> None:
+        if not self.dist.is_main:
+            return
+        if self.config_text is not None and not (self.run / ".config").exists():
+            (self.run / ".config").write_text(self.config_text)
+        self.run.write_json("config.json", {"config": self.cfg.to_dict(), "overrides": self.overrides,
+                                            "task": self.task.name, "total_steps": self.total_steps,
+                                            "schedule": vars(self.budget.schedule)})
+        env = environment(self.device)
+        env["world_size"] = self.dist.world_size
+        env["resumed_at_step"] = self.step if resumed else None
+        self.run.write_json("env.json", env)
+
+    def param_counts(self) -> tuple[int, int]:
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        prunable = sum(p.numel() for _, _, p in prunable_parameters(self.model, bool(self.cfg.prune_embeddings)))
+        return total, prunable
+
+    def _banner(self, resumed: bool) -> None:
+        if not self.dist.is_main:
+            return
+        total, prunable = self.param_counts()
+        s = self.budget.schedule
+        print(f"[adamwprune] {self.task.name}: {total:,} parameters ({prunable:,} prunable) | "
+              f"{self.cfg.optimizer} + {self.cfg.pruning} pruning to {100 * s.target:.1f}% "
+              f"(ramp steps {s.start}-{s.end}, every {s.interval}) | {self.total_steps} steps on "
+              f"{self.device} x{self.dist.world_size} | run dir {self.run.path}"
+              + (f" | resumed at step {self.step}" if resumed else ""), flush=True)
+
+    def _final(self, status: str, message: Optional[str], started: float, train_time: float,
+               steps_run: int) -> dict:
+        total, prunable = self.param_counts()
+        mem = self.sampler.summary("train") if self.sampler is not None else {}
+        if self.sampler is not None:
+            self.sampler.stop()
+        cuda_peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        final = {
+            "status": status, "message": message, "task": self.task.name,
+            "metric_name": self.task.metric_name, "higher_is_better": self.task.higher_is_better,
+            "best_val_metric": self.best.val_metric, "best_step": self.best.step,
+            "test_metric_at_best": self.best.test_metric, "final_sparsity": self.sparsity(),
+            "target_sparsity": self.budget.schedule.target, "params_total": total,
+            "params_prunable": prunable, "steps": self.step, "total_steps": self.total_steps,
+            "wall_time_s": time.time() - started,
+            "step_time_s": train_time / steps_run if steps_run else None,
+            "peak_memory_bytes": cuda_peak if cuda_peak is not None else mem.get("peak_bytes"),
+            "cuda_allocator_peak_bytes": cuda_peak,
+            "sampled_memory": mem,
+            "memory": memory_report(self.model, self.optimizer, self.pruner),
+            "config": {"model": self.cfg.model, "optimizer": self.cfg.optimizer,
+                       "pruning": self.cfg.pruning, "seed": self.cfg.seed},
+        }
+        self.run.write_json("final.json", final)
+        if self.dist.is_main:
+            print_summary(final, self.run.path)
+        return final
+
+
+def print_summary(final: dict, path: Path) -> None:
+    """The one-screen end-of-run summary."""
+    name = final["metric_name"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+    mem = final.get("peak_memory_bytes")
+    lines = [
+        "",
+        f"== {final['task']} run {final['status'].upper()} ==",
+        f"  best validation {name}: {fmt(final['best_val_metric'])} (step {final['best_step']})",
+        f"  test {name} at the best checkpoint: {fmt(final['test_metric_at_best'])}",
+        f"  sparsity (measured from the weights): {100 * final['final_sparsity']:.2f}% "
+        f"(target {100 * final['target_sparsity']:.1f}%)",
+        f"  parameters: {final['params_total']:,} total, {final['params_prunable']:,} prunable",
+        f"  steps: {final['steps']}/{final['total_steps']} in {final['wall_time_s']:.1f} s"
+        + (f" ({1000 * final['step_time_s']:.1f} ms/step)" if final.get("step_time_s") else ""),
+        f"  peak memory: {mem / 2**20:.1f} MiB" if mem else "  peak memory: n/a",
+        f"  run directory: {path}",
+    ]
+    if final.get("message"):
+        lines.append(f"  {final['message']}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,176 @@
+"""Registries of optimizers and pruners: literal tables of frozen records.
+
+The engine picks entries by the name Kconfig chose and never branches on a
+method's name; what differs between methods is in the record (capabilities) or
+in the object the record builds. Tests are parametrized over these tables, so a
+new entry is tested the moment it is registered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    """The one sparsity schedule every method of a comparison shares (in steps)."""
+
+    target: float = 0.0
+    start: int = 0
+    end: int = 0
+    interval: int = 1
+    schedule: str = "cubic"
+    scope: str = "global"
+    prune_embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    name: str
+    build: Callable[[list, Any, PruneSchedule], torch.optim.Optimizer]
+    summary: str
+
+
+@dataclass(frozen=True)
+class PrunerInfo:
+    name: str
+    build: Callable[[nn.Module, torch.optim.Optimizer, PruneSchedule], Any]
+    summary: str
+    # True when the optimizer itself prunes (AdamWPrune): it receives the schedule.
+    optimizer_prunes: bool = False
+    # Optimizers this pruner works with (None = any).
+    requires_optimizer: Optional[tuple[str, ...]] = None
+
+
+def _fast(groups: list) -> dict:
+    """Fused kernels where torch has them for these tensors (the fair, fastest AdamW)."""
+    params = [p for g in groups for p in g["params"]]
+    ok = all(p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for p in params)
+    return {"fused": True} if ok and params else {}
+
+
+def _adam_kwargs(cfg) -> dict:
+    return dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def _sgd(groups, cfg, _schedule):
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay, **_fast(groups))
+
+
+def _adam(groups, cfg, _schedule):
+    return torch.optim.Adam(groups, amsgrad=cfg.amsgrad, **_adam_kwargs(cfg), **_fast(groups))
+
+
+def _adamw(groups, cfg, _schedule):
+    return torch.optim.AdamW(groups, amsgrad=cfg.amsgrad, **_adam_kwargs(cfg), **_fast(groups))
+
+
+def _adamwadv(groups, cfg, _schedule):
+    from .optim.adamwadv import AdamWAdv
+
+    # Clipping is the engine's (TRAIN_GRAD_CLIP defaults to 1.0 for AdamWAdv).
+    return AdamWAdv(groups, amsgrad=cfg.amsgrad, max_grad_norm=0.0, **_adam_kwargs(cfg))
+
+
+def _spam_kwargs(cfg) -> dict:
+    return dict(theta=cfg.spam_theta, reset_interval=cfg.spam_reset_interval,
+                warmup_steps=cfg.spam_warmup_steps, clip_delay=cfg.spam_clip_delay)
+
+
+def _adamwspam(groups, cfg, _schedule):
+    from .optim.spam import AdamWSpam
+
+    return AdamWSpam(groups, **_adam_kwargs(cfg), **_spam_kwargs(cfg))
+
+
+def _adamwprune(groups, cfg, schedule: PruneSchedule):
+    from .optim.adamwprune import AdamWPrune
+
+    base_kwargs: dict = {}
+    if cfg.adamwprune_base == "adamwspam":
+        base_kwargs.update(_spam_kwargs(cfg))
+    else:
+        base_kwargs["amsgrad"] = cfg.amsgrad
+    if cfg.adamwprune_base == "adamwadv":
+        base_kwargs["max_grad_norm"] = 0.0
+    if cfg.adamwprune_budget_factor is not None:
+        base_kwargs["budget_factor"] = cfg.adamwprune_budget_factor
+    return AdamWPrune(groups, base=cfg.adamwprune_base, variant=cfg.adamwprune_variant,
+                      target_sparsity=schedule.target, start_step=schedule.start,
+                      end_step=schedule.end, interval=schedule.interval,
+                      schedule=schedule.schedule, scope=schedule.scope,
+                      **_adam_kwargs(cfg), **base_kwargs)
+
+
+OPTIMIZERS: dict[str, OptimInfo] = {
+    "sgd": OptimInfo("sgd", _sgd, "torch.optim.SGD with momentum (optional Nesterov)"),
+    "adam": OptimInfo("adam", _adam, "torch.optim.Adam (coupled L2 decay)"),
+    "adamw": OptimInfo("adamw", _adamw, "torch.optim.AdamW (decoupled decay)"),
+    "adamwadv": OptimInfo("adamwadv", _adamwadv, "AdamW + AMSGrad + cosine lr + clipping"),
+    "adamwspam": OptimInfo("adamwspam", _adamwspam, "SPAM (Huang et al., ICLR 2025)"),
+    "adamwprune": OptimInfo("adamwprune", _adamwprune, "prunes from its own Adam state"),
+}
+
+
+def _none(model, optimizer, schedule):
+    from .pruning import NoPruner
+
+    return NoPruner(model, optimizer=optimizer)
+
+
+def _magnitude(model, optimizer, s: PruneSchedule):
+    from .pruning import MagnitudePruner
+
+    return MagnitudePruner(model, s.target, s.start, s.end, s.interval, schedule=s.schedule,
+                           scope=s.scope, prune_embeddings=s.prune_embeddings, optimizer=optimizer)
+
+
+def _movement(model, optimizer, s: PruneSchedule):
+    from .pruning import MovementPruner
+
+    return MovementPruner(model, s.target, s.start, s.end, s.interval, schedule=s.schedule,
+                          scope=s.scope, prune_embeddings=s.prune_embeddings, optimizer=optimizer)
+
+
+def _state(model, optimizer, s: PruneSchedule):
+    from .pruning import StatePruner
+
+    return StatePruner(model, s.target, s.start, s.end, s.interval, schedule=s.schedule,
+                       scope=s.scope, prune_embeddings=s.prune_embeddings, optimizer=optimizer)
+
+
+PRUNERS: dict[str, PrunerInfo] = {
+    "none": PrunerInfo("none", _none, "dense training"),
+    "magnitude": PrunerInfo("magnitude", _magnitude, "|w|, monotone masks"),
+    "movement": PrunerInfo("movement", _movement, "Sanh et al. hard movement, scores in fp32"),
+    "state": PrunerInfo("state", _state, "AdamWPrune prunes from its own state",
+                        optimizer_prunes=True, requires_optimizer=("adamwprune",)),
+}
+
+
+def _lookup(table: dict, name: str, what: str):
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {what} {name!r} (valid: {', '.join(table)})") from None
+
+
+def build_optimizer(name: str, groups: list, cfg, schedule: PruneSchedule,
+                    pruner: str = "none") -> torch.optim.Optimizer:
+    """The optimizer `name`; it receives the schedule only if it does the pruning itself."""
+    info = _lookup(OPTIMIZERS, name, "optimizer")
+    pinfo = _lookup(PRUNERS, pruner, "pruning method")
+    return info.build(groups, cfg, schedule if pinfo.optimizer_prunes else PruneSchedule())
+
+
+def build_pruner(name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: PruneSchedule, optimizer_name: str):
+    info = _lookup(PRUNERS, name, "pruning method")
+    if info.requires_optimizer and optimizer_name not in info.requires_optimizer:
+        raise ValueError(f"pruning method {name!r} needs optimizer {' or '.join(info.requires_optimizer)}, "
+                         f"not {optimizer_name!r}")
+    return info.build(model, optimizer, schedule)

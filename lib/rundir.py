@@ -1,0 +1,141 @@
+"""The run directory: everything needed to understand a run, final.json written last."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+from .config import ROOT
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=_jsonable)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (Path,)):
+        return str(x)
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def read_json(path: Path) -> Optional[dict]:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a truncated last line (a crash mid-write) is skipped."""
+    rows = []
+    try:
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+def git_sha(root: Path = ROOT) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "git_sha": git_sha(),
+        "argv": sys.argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    return env
+
+
+class RunDir:
+    """A run directory; only rank 0 of a DDP job writes (`enabled=False` elsewhere)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.enabled:
+            write_json_atomic(self.path / name, obj)
+
+    def append_metrics(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row, default=_jsonable) + "\n")
+            fh.flush()
+
+    def truncate_metrics(self, max_step: int) -> None:
+        """Drop rows after `max_step` (written after the checkpoint we resume from)."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        rows = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= max_step]
+        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
+        with open(tmp, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, self.metrics_path)
+
+    def metrics(self) -> list[dict]:
+        return read_jsonl(self.metrics_path)
+
+    def final(self) -> Optional[dict]:
+        return read_json(self.path / "final.json")
+
+
+def new_run_path(results_dir: Path, name: str, existing: Iterable[Path] = ()) -> Path:
+    """results/<timestamp>_<name>, never reusing an existing directory."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(results_dir) / f"{stamp}_{name}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path

@@ -1,0 +1,80 @@
+"""What a model folder's train.py provides to the engine: a Task.
+
+A task builds the model and the data splits, computes the training loss of a
+batch, and turns evaluation batches into sums (so DDP ranks can add them up)
+and the sums into (loss, metric). Everything else is the engine's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Splits:
+    """train: has train_batch(step, batch_size, seed, rank, world_size) and
+    steps_per_epoch(batch_size); val/test: have eval_batches(batch_size, ...)."""
+
+    train: Any
+    val: Any
+    test: Any
+
+
+class Task(Protocol):
+    name: str
+    metric_name: str
+    higher_is_better: bool
+
+    def build_model(self, cfg) -> nn.Module: ...
+
+    def build_data(self, cfg) -> Splits: ...
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor: ...
+
+    def eval_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]: ...
+
+    def finish_eval(self, sums: dict[str, float]) -> tuple[float, float]: ...
+
+    def eval_batches(self, split, cfg, rank: int, world_size: int): ...
+
+
+class ClassificationTask:
+    """Cross-entropy classification with accuracy in percent (higher is better)."""
+
+    metric_name = "accuracy"
+    higher_is_better = True
+    eval_batch_size = 1000
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    @torch.no_grad()
+    def eval_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        logits = model(x)
+        return {
+            "loss": F.cross_entropy(logits.float(), y, reduction="sum"),
+            "correct": (logits.argmax(dim=1) == y).sum(),
+            "count": torch.tensor(y.numel(), device=y.device),
+        }
+
+    def finish_eval(self, sums: dict[str, float]) -> tuple[float, float]:
+        n = max(1.0, sums["count"])
+        return sums["loss"] / n, 100.0 * sums["correct"] / n
+
+    def eval_batches(self, split, cfg, rank: int, world_size: int):
+        batches = split.eval_batches(self.eval_batch_size, rank=rank, world_size=world_size)
+        if cfg.eval_batches:
+            batches = (b for i, b in enumerate(batches) if i < cfg.eval_batches)
+        return batches
+
+
+def perplexity(mean_loss: float) -> float:
+    """exp(loss), saturating instead of overflowing for a diverged model."""
+    return math.exp(min(mean_loss, 700.0))

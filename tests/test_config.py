@@ -1,0 +1,148 @@
+"""Kconfig loading, strictness, overrides and the typed config."""
+import dataclasses
+import re
+import subprocess
+import sys
+
+import pytest
+
+from adamwprune import config as C
+from adamwprune.config import ConfigError, ROOT
+
+
+def write(tmp_path, text, name="defconfig"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_defaults_load_into_a_frozen_typed_config():
+    cfg, _, _ = C.load(None, {})
+    assert cfg.model == "lenet5" and isinstance(cfg.epochs, int) and isinstance(cfg.lr, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+
+
+@pytest.mark.parametrize("path", C.list_defconfigs(), ids=lambda p: p.name)
+def test_every_shipped_defconfig_loads_cleanly(path):
+    kconf = C.load_kconfig()
+    C.load_file(kconf, path, strict=True)
+    cfg = C.to_config(kconf)
+    assert cfg.model in ("lenet5", "resnet18", "resnet50", "gpt2")
+
+
+def test_unknown_symbol_is_refused_with_its_name(tmp_path):
+    p = write(tmp_path, "CONFIG_MODEL_LENET5=y\nCONFIG_NOT_A_SYMBOL=3\n")
+    with pytest.raises(ConfigError, match=r"CONFIG_NOT_A_SYMBOL=3: unknown symbol"):
+        C.load(p)
+
+
+def test_out_of_range_int_is_refused_with_range(tmp_path):
+    p = write(tmp_path, "CONFIG_TRAIN_EPOCHS=0\n")
+    with pytest.raises(ConfigError, match=r"CONFIG_TRAIN_EPOCHS=0: outside the range 1\.\.100000"):
+        C.load(p)
+
+
+def test_unmet_dependency_is_refused(tmp_path):
+    p = write(tmp_path, "CONFIG_OPTIMIZER_ADAMW=y\nCONFIG_OPT_MOMENTUM=\"0.8\"\n")
+    with pytest.raises(ConfigError, match=r"CONFIG_OPT_MOMENTUM=0.8: its dependencies are not met"):
+        C.load(p)
+
+
+def test_choice_member_with_unmet_dependency_is_refused(tmp_path):
+    p = write(tmp_path, "CONFIG_OPTIMIZER_ADAMW=y\nCONFIG_PRUNING_STATE=y\n")
+    with pytest.raises(ConfigError, match=r"CONFIG_PRUNING_STATE=y"):
+        C.load(p)
+
+
+def test_bad_int_type_is_refused(tmp_path):
+    p = write(tmp_path, "CONFIG_TRAIN_EPOCHS=ten\n")
+    with pytest.raises(ConfigError, match=r"TRAIN_EPOCHS"):
+        C.load(p)
+
+
+@pytest.mark.parametrize("value, why", [("abc", "not a number"), ("1.5", "outside the range"),
+                                        ("nan", "not a finite number")])
+def test_bad_float_is_refused(tmp_path, value, why):
+    p = write(tmp_path, f'CONFIG_PRUNING_TARGET_SPARSITY="{value}"\n')
+    with pytest.raises(ConfigError, match=rf'CONFIG_PRUNING_TARGET_SPARSITY="{value}": {why}'):
+        C.load(p)
+
+
+def test_all_problems_are_collected_into_one_error(tmp_path):
+    p = write(tmp_path, "CONFIG_TRAIN_EPOCHS=0\nCONFIG_NOPE=y\n")
+    with pytest.raises(ConfigError) as e:
+        C.load(p)
+    assert "TRAIN_EPOCHS" in str(e.value) and "NOPE" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shorthand_overrides_go_through_validation():
+    cfg, asked, _ = C.load(None, {"EPOCHS": "3", "LR": "0.01", "DEVICE": "cpu", "DATASET": "synthetic",
+                                  "SEED": "7", "MAX_ITERS": "5", "BATCH_SIZE": "16"})
+    assert (cfg.epochs, cfg.lr, cfg.device, cfg.dataset, cfg.seed, cfg.max_iters, cfg.batch_size) == \
+        (3, 0.01, "cpu", "synthetic", 7, 5, 16)
+    assert asked["TRAIN_EPOCHS"] == "3" and asked["DEVICE_CPU"] == "y"
+    with pytest.raises(ConfigError, match="TRAIN_EPOCHS=0"):
+        C.load(None, {"EPOCHS": "0"})
+    with pytest.raises(ConfigError, match="not a valid choice"):
+        C.load(None, {"DEVICE": "tpu"})
+    with pytest.raises(ConfigError, match="OPT_LR"):
+        C.load(None, {"LR": "-1"})
+
+
+def test_set_accepts_symbols_choices_and_config_prefix():
+    pairs = C.parse_set('CONFIG_OPT_BETA2=0.99 OPTIMIZER=adamw PRUNING=magnitude PRUNING_TARGET_SPARSITY=0.5')
+    cfg, _, _ = C.load(None, pairs)
+    assert (cfg.beta2, cfg.optimizer, cfg.pruning, cfg.target_sparsity) == (0.99, "adamw", "magnitude", 0.5)
+    with pytest.raises(ConfigError, match="BOGUS=1: unknown symbol"):
+        C.load(None, C.parse_set("BOGUS=1"))
+
+
+def test_missing_config_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(ConfigError, match="make defconfig"):
+        C.load(tmp_path / "nope")
+
+
+def _code_text():
+    files = list((ROOT / "lib").rglob("*.py")) + list(ROOT.glob("*/train.py"))
+    return "\n".join(f.read_text() for f in files if f.name != "config.py")
+
+
+def test_every_kconfig_symbol_is_read_by_code():
+    kconf = C.load_kconfig()
+    choice_members = {s.name for f in C.FIELDS if f.kind == "choice"
+                      for s in kconf.named_choices[f.symbol].syms}
+    unmapped = [s.name for s in kconf.unique_defined_syms
+                if s.name not in C.FIELD_BY_SYMBOL and s.name not in choice_members]
+    assert not unmapped, f"Kconfig symbols with no Config field: {unmapped}"
+    code = _code_text()
+    unread = [f.name for f in C.FIELDS if not re.search(rf"\.{f.name}\b", code)]
+    assert not unread, f"Config fields read by no code: {unread}"
+
+
+def test_defconfig_and_savedefconfig_round_trip(tmp_path):
+    cfgfile, out = tmp_path / ".config", tmp_path / "defconfig"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "adamwprune.kconfig_cli", "--config", str(cfgfile), *a],
+                                    capture_output=True, text=True, cwd=ROOT)
+    r = run("defconfig", "lenet5-demo", "--override=EPOCHS=4")
+    assert r.returncode == 0, r.stderr
+    r = run("savedefconfig", str(out))
+    assert r.returncode == 0, r.stderr
+    minimal = out.read_text()
+    assert "CONFIG_TRAIN_EPOCHS=4" in minimal and "CONFIG_RUN_SEED" not in minimal
+    a, _, _ = C.load(cfgfile)
+    b, _, _ = C.load(out)
+    assert a == b
+
+
+def test_defconfig_cli_refuses_unknown_symbol_in_one_line(tmp_path):
+    bad = ROOT / "defconfigs" / "zz-test-bad"
+    bad.write_text("CONFIG_MODEL_LENET5=y\nCONFIG_TRAIN_EPOCHZ=3\n")
+    try:
+        r = subprocess.run([sys.executable, "-m", "adamwprune.kconfig_cli", "--config", str(tmp_path / "c"),
+                            "defconfig", "zz-test-bad"], capture_output=True, text=True, cwd=ROOT)
+    finally:
+        bad.unlink()
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "CONFIG_TRAIN_EPOCHZ=3: unknown symbol" in r.stderr
+    assert not (tmp_path / "c").exists()
