@@ -1,0 +1,169 @@
+"""The training engine end to end on LeNet-5 with tiny data: run directory, resume, divergence."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from adamwprune import config as C
+from adamwprune.cli import load_task
+from adamwprune.config import ROOT
+from adamwprune.engine import Trainer
+
+TINY = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "128", "BATCH_SIZE": "16",
+        "DEVICE": "cpu", "TRAIN_EVAL_INTERVAL": "8", "RUN_MONITOR_INTERVAL": "0.05"}
+
+
+def tiny_cfg(**extra):
+    cfg, _, _ = C.load(None, {**TINY, **{k: str(v) for k, v in extra.items()}})
+    return cfg
+
+
+def run(cfg, path, resume=False):
+    trainer = Trainer(load_task(cfg.model), cfg, path, config_text="")
+    return trainer, trainer.fit(resume=resume)
+
+
+def test_lenet5_trains_end_to_end_and_writes_the_run_directory(tmp_path):
+    cfg = tiny_cfg(OPTIMIZER="adamw", PRUNING="magnitude", PRUNING_TARGET_SPARSITY="0.5", MAX_ITERS=24)
+    _, final = run(cfg, tmp_path / "run")
+    d = tmp_path / "run"
+    for name in (".config", "config.json", "env.json", "metrics.jsonl", "memory.jsonl", "last.pt", "best.pt",
+                 "final.json"):
+        assert (d / name).exists(), name
+    assert final["status"] == "completed" and final["steps"] == 24
+    assert final["final_sparsity"] == pytest.approx(round(0.5 * 61470) / 61470, abs=1e-12)
+    assert final["params_total"] == 61706 and final["params_prunable"] == 61470
+    rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [8, 16, 24]
+    for key in ("epoch", "train_loss", "val_metric", "test_metric", "sparsity", "lr", "elapsed_s"):
+        assert key in rows[0]
+    env = json.loads((d / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    assert final["memory"]["parameters"]["bytes"] == 61706 * 4
+    # best is chosen on validation; its test metric is the one at that step
+    best = max(rows, key=lambda r: r["val_metric"])
+    assert final["best_step"] == best["step"] and final["test_metric_at_best"] == best["test_metric"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("optimizer,pruning", [("adamw", "magnitude"), ("sgd", "movement"),
+                                               ("adamwprune", "state")])
+def test_resume_from_last_pt_is_bit_identical(tmp_path, monkeypatch, optimizer, pruning):
+    cfg = tiny_cfg(OPTIMIZER=optimizer, PRUNING=pruning, PRUNING_TARGET_SPARSITY="0.6", MAX_ITERS=40,
+                   CHECKPOINT_INTERVAL=12, PRUNING_INTERVAL=4, LR_SCHEDULE_COSINE="y")
+    _, ref_final = run(cfg, tmp_path / "ref")
+    ref = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+
+    original = Trainer.train_step
+
+    def dying_step(self):
+        if self.step == 30:  # last.pt was written at 24
+            raise Interrupt()
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(Interrupt):
+        run(cfg, tmp_path / "cut")
+    assert not (tmp_path / "cut" / "final.json").exists()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    _, final = run(cfg, tmp_path / "cut", resume=True)
+    got = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    for k, v in ref["model"].items():
+        assert torch.equal(v, got["model"][k]), k
+    assert final["final_sparsity"] == ref_final["final_sparsity"]
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k != "elapsed_s"}
+                       for l in p.read_text().splitlines()]
+    assert strip(tmp_path / "cut" / "metrics.jsonl") == strip(tmp_path / "ref" / "metrics.jsonl")
+
+
+def test_nan_loss_stops_with_status_diverged(tmp_path, capsys):
+    cfg = tiny_cfg(OPTIMIZER="sgd", PRUNING="none", LR="90", MAX_ITERS=300)
+    _, final = run(cfg, tmp_path / "run")
+    assert final["status"] == "diverged"
+    assert "diverged" in final["message"] and "LR=" in final["message"]
+    assert final["steps"] < 300
+    assert json.loads((tmp_path / "run" / "final.json").read_text())["status"] == "diverged"
+
+
+def _cli(*args, cwd=ROOT, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "adamwprune", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, **kw)
+
+
+def _write_config(tmp_path, **extra):
+    kconf = C.load_kconfig()
+    C.apply_overrides(kconf, {**TINY, "OPTIMIZER": "adamw", "PRUNING": "magnitude",
+                              "RUN_RESULTS_DIR": str(tmp_path / "results"), **extra})
+    path = tmp_path / ".config"
+    C.write_config(kconf, path)
+    return path
+
+
+def test_kill_9_then_continue_finishes_the_run_in_place(tmp_path):
+    cfg_path = _write_config(tmp_path, MAX_ITERS="400", CHECKPOINT_INTERVAL="20", TRAIN_EVAL_INTERVAL="100")
+    ref = _cli("run", "--config", str(cfg_path), "--run-dir", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "adamwprune", "run", "--config", str(cfg_path)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    results = tmp_path / "results"
+    while time.time() < deadline and not list(results.glob("*/last.pt")):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    runs = list(results.iterdir())
+    assert len(runs) == 1 and not (runs[0] / "final.json").exists()
+    cont = _cli("continue", "--results", str(results))
+    assert cont.returncode == 0, cont.stderr
+    assert "resumed at step" in cont.stdout
+    assert list(results.iterdir()) == runs  # same directory, nothing new
+    a = json.loads((tmp_path / "ref" / "final.json").read_text())
+    b = json.loads((runs[0] / "final.json").read_text())
+    for key in ("best_val_metric", "test_metric_at_best", "final_sparsity", "steps", "best_step"):
+        assert a[key] == b[key], key
+    assert _cli("continue", "--results", str(results)).stdout.startswith("nothing to continue")
+
+
+def test_evaluate_writes_eval_json(tmp_path):
+    cfg = tiny_cfg(OPTIMIZER="adamw", PRUNING="none", MAX_ITERS=8)
+    run(cfg, tmp_path / "run")
+    r = _cli("evaluate", "--run", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "run" / "eval.json").read_text())
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert out["test_metric"] == pytest.approx(final["test_metric_at_best"])
+
+
+def test_corrupt_checkpoint_gives_one_clear_line(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "best.pt").write_bytes(b"not a checkpoint")
+    r = _cli("evaluate", "--run", str(d))
+    assert r.returncode == 2
+    assert "corrupt checkpoint" in r.stderr and "delete it" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_direct_script_maps_flags_onto_the_config(tmp_path):
+    r = subprocess.run([sys.executable, "train.py", "--optimizer", "adamw", "--pruning-method", "magnitude",
+                        "--target-sparsity", "0.5", "--max-iters", "6", "--dataset", "synthetic", "--device",
+                        "cpu", "--results-dir", str(tmp_path)], cwd=ROOT / "lenet5", capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    (run_dir,) = tmp_path.iterdir()
+    cfg = json.loads((run_dir / "config.json").read_text())["config"]
+    assert (cfg["optimizer"], cfg["pruning"], cfg["target_sparsity"], cfg["max_iters"]) == \
+        ("adamw", "magnitude", 0.5, 6)
+    bad = subprocess.run([sys.executable, "train.py", "--target-sparsity", "1.5"], cwd=ROOT / "lenet5",
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "PRUNING_TARGET_SPARSITY" in bad.stderr
