@@ -11,6 +11,13 @@ STAMP       := $(VENV)/.installed
 CONFIG      ?= .config
 DEMO_CONFIG := results/demo/.config
 
+# tiktoken downloads its BPE files on first use; offline, point it at a local copy.
+ifeq ($(TIKTOKEN_CACHE_DIR),)
+ifneq ($(wildcard ../shared/data/tiktoken-cache/*),)
+export TIKTOKEN_CACHE_DIR := $(abspath ../shared/data/tiktoken-cache)
+endif
+endif
+
 # Make-line shorthands that become config overrides (validated like .config).
 SHORTHANDS := EPOCHS MAX_ITERS BATCH_SIZE LR SEED DEVICE DATASET DATA_DIR NPROC CHECKPOINT_INTERVAL
 OVERRIDES  := $(foreach v,$(SHORTHANDS),$(if $($(v)),--override=$(v)=$($(v))))
@@ -18,7 +25,7 @@ SET        ?=
 
 .DEFAULT_GOAL := all
 .PHONY: all help install demo check test defconfig menuconfig olddefconfig savedefconfig \
-        list-defconfigs continue evaluate clean mrproper
+        list-defconfigs prepare-data continue evaluate clean mrproper
 
 help:
 	@echo "AdamWPrune - pruning during training with the state Adam already keeps"
@@ -38,6 +45,7 @@ help:
 	@echo ""
 	@echo "Training:"
 	@echo "  make                   train what .config describes; results in results/<timestamp>_<run>/"
+	@echo "  make prepare-data      tokenize the GPT-2 corpus .config names (also done before the first run)"
 	@echo "  make continue [DIR=]   resume the newest interrupted run (or DIR) from its last.pt"
 	@echo "  make evaluate RUN=<run dir> DATA_DIR=<dir>   evaluate best.pt on another copy of the dataset"
 	@echo ""
@@ -83,6 +91,9 @@ olddefconfig: $(STAMP)
 
 savedefconfig: $(STAMP)
 	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) savedefconfig defconfig
+
+prepare-data: $(STAMP)
+	$(PY) gpt2/train.py prepare --config $(CONFIG) $(OVERRIDES)
 
 continue: $(STAMP)
 	$(PY) -m adamwprune continue $(if $(DIR),--dir $(DIR))

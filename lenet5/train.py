@@ -6,6 +6,7 @@ Run through Kconfig (`make defconfig DEFCONFIG=lenet5 && make`) or directly:
 """
 import sys
 
+from adamwprune.config import resolve_path
 from adamwprune.data import mnist
 from adamwprune.models.lenet5 import LeNet5
 from adamwprune.tasks import ClassificationTask, Splits
@@ -19,7 +20,7 @@ class LeNet5Task(ClassificationTask):
 
     def build_data(self, cfg):
         loaders = {
-            "mnist": lambda: mnist.load_torchvision(cfg.data_dir, cfg.val_size, cfg.seed, cfg.data_download),
+            "mnist": lambda: mnist.load_torchvision(resolve_path(cfg.data_dir), cfg.val_size, cfg.seed, cfg.data_download),
             "mnist_embedded": lambda: mnist.load_embedded(cfg.val_size, seed=0),
             "synthetic": lambda: mnist.synthetic(cfg.synthetic_size, cfg.seed),
         }

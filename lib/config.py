@@ -67,7 +67,6 @@ FIELDS: tuple[Field, ...] = (
     Field("gpt2_text_source", "GPT2_TEXT_SOURCE", "str"),
     Field("gpt2_token_budget", "GPT2_TOKEN_BUDGET", "int"),
     _float("gpt2_val_fraction", "GPT2_VAL_FRACTION", 0.0, 0.5, lo_open=True),
-    _float("gpt2_test_fraction", "GPT2_TEST_FRACTION", 0.0, 0.5, lo_open=True),
     # training
     Field("epochs", "TRAIN_EPOCHS", "int"),
     Field("max_iters", "TRAIN_MAX_ITERS", "int"),
@@ -387,3 +386,9 @@ def find_defconfig(name: str, root: Path = ROOT) -> Path:
 def list_defconfigs(root: Path = ROOT) -> list[Path]:
     files = list((root / "defconfigs").glob("*")) + list(root.glob("*/defconfigs/*"))
     return sorted((p for p in files if p.is_file()), key=lambda p: p.name)
+
+
+def resolve_path(path: str) -> Path:
+    """Relative paths in a config are relative to the project root (where Kconfig is)."""
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else ROOT / p

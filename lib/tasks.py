@@ -78,3 +78,46 @@ class ClassificationTask:
 def perplexity(mean_loss: float) -> float:
     """exp(loss), saturating instead of overflowing for a diverged model."""
     return math.exp(min(mean_loss, 700.0))
+
+
+class CifarTask(ClassificationTask):
+    """A CIFAR classifier: channels-last on GPU, optional upsampling for ImageNet stems."""
+
+    def __init__(self, name: str, dataset: str, num_classes: int, build):
+        self.name, self.dataset, self.num_classes, self._build = name, dataset, num_classes, build
+        self.channels_last = False
+        self.input_size = 32
+
+    def build_model(self, cfg) -> nn.Module:
+        model = self._build(cfg)
+        self.input_size = getattr(model, "input_size", 32)
+        self.channels_last = bool(cfg.resnet_channels_last) and cfg.device != "cpu" and torch.cuda.is_available()
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def build_data(self, cfg) -> Splits:
+        from .config import resolve_path
+        from .data import cifar
+
+        if cfg.dataset == "synthetic":
+            n = cfg.synthetic_size
+            return Splits(*cifar.synthetic_images(n, max(1, n // 4), max(1, n // 4),
+                                                  num_classes=self.num_classes, seed=cfg.seed, augment=True))
+        if cfg.dataset != self.dataset:
+            raise ValueError(f"{self.name} trains on {self.dataset} or synthetic, not {cfg.dataset!r}")
+        return Splits(*cifar.load_cifar(resolve_path(cfg.data_dir), self.dataset, cfg.val_size, cfg.seed,
+                                        download=cfg.data_download))
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size != x.shape[-1]:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return super().loss(model, (self._prepare(x), y))
+
+    def eval_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return super().eval_sums(model, (self._prepare(x), y))
