@@ -1,0 +1,73 @@
+"""Magnitude pruning on the shared schedule, with monotone masks."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from adamwprune.pruning.base import Pruner, zero_optimizer_state
+from adamwprune.pruning.selection import prune_masks
+
+
+class MagnitudePruner(Pruner):
+    """Prune the entries of smallest |w| (Zhu & Gupta 2017 schedule).
+
+    On update steps the lowest-|w| entries are pruned, exactly round(s * N) in
+    all (global scope) or per tensor (layer scope). Masks are monotone: already
+    pruned entries get score -inf, so they stay pruned. A pruned entry is set to
+    0 in the weight and in every optimizer-state tensor of the weight's shape,
+    and a tensor hook zeroes its gradient before it is accumulated into
+    ``p.grad``; with w = g = state = 0 no optimizer (momentum, coupled or
+    decoupled decay, AMSGrad) can revive it, so no per-step re-masking is needed.
+
+    Buffers: one bool mask per prunable tensor (True = pruned), 1 B/entry.
+    Build the pruner after the model is on its device.
+    """
+
+    def __init__(self, model: nn.Module, target_sparsity: float, start_step: int,
+                 end_step: int, interval: int, schedule: str = "cubic",
+                 scope: str = "global", prune_embeddings: bool = False,
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        super().__init__(model, target_sparsity, start_step, end_step, interval, schedule,
+                         scope, prune_embeddings, optimizer)
+        self.masks: dict[str, torch.Tensor] = {
+            name: torch.zeros_like(p, dtype=torch.bool) for name, _, p in self.prunable}
+        self._hooks = [p.register_hook(self._gradient_masker(name))
+                       for name, _, p in self.prunable]
+
+    def _gradient_masker(self, name: str):
+        def mask_gradient(grad: torch.Tensor) -> torch.Tensor:
+            return grad.masked_fill(self.masks[name], 0)
+        return mask_gradient
+
+    @torch.no_grad()
+    def _update_masks(self, sparsity: float) -> None:
+        scores = []
+        for name, _, p in self.prunable:
+            score = p.detach().abs()
+            score.masked_fill_(self.masks[name], float("-inf"))
+            scores.append(score)
+        pruned = prune_masks(scores, sparsity, self.scope)
+        del scores
+        for (name, _, p), new in zip(self.prunable, pruned):
+            mask = self.masks[name]
+            mask |= new  # equals `new` while the schedule is non-decreasing
+            p.masked_fill_(mask, 0)
+            zero_optimizer_state(self.optimizer, p, mask)
+
+    def memory_bytes(self) -> dict[str, int]:
+        return {"masks": sum(m.numel() * m.element_size() for m in self.masks.values())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.t, "masks": dict(self.masks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._load_named(state["masks"], self.masks, "masks")
+
+    def remove(self) -> None:
+        """Remove the gradient hooks (the weights keep their zeros)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []

@@ -1,0 +1,67 @@
+"""The sparsity schedule shared by every pruning method (pure functions).
+
+Cubic (Zhu & Gupta, "To prune, or not to prune", 2017; the default):
+    s(t) = s_f + (s_0 - s_f) * (1 - (t - t_0) / (t_1 - t_0))**3   for t_0 <= t <= t_1.
+Linear:
+    s(t) = s_0 + (s_f - s_0) * (t - t_0) / (t_1 - t_0).
+Before t_0 s = s_0, after t_1 s = s_f; with t_1 == t_0 the sparsity jumps to s_f at
+t_0. ``t`` is the number of optimizer steps already taken (docs/architecture.md).
+"""
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+SCHEDULES = ("cubic", "linear")
+
+
+def validate_schedule(target: float, start: int, end: int, schedule: str = "cubic",
+                      initial: float = 0.0) -> None:
+    """Raise ValueError, saying what is wrong, for an invalid schedule."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown sparsity schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    for label, value in (("target sparsity", target), ("initial sparsity", initial)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{label} must be a number in [0, 1], got {value!r}")
+    for label, value in (("start step", start), ("end step", end)):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+            raise ValueError(f"{label} must be an integer >= 0, got {value!r}")
+    if end < start:
+        raise ValueError(f"end step ({end}) must be >= start step ({start})")
+
+
+def sparsity_at(t: int, target: float, start: int, end: int, schedule: str = "cubic",
+                initial: float = 0.0) -> float:
+    """Sparsity s(t) after ``t`` optimizer steps (see the module docstring)."""
+    validate_schedule(target, start, end, schedule, initial)
+    if t < start:
+        return float(initial)
+    if t >= end:
+        return float(target)
+    progress = (t - start) / (end - start)
+    if schedule == "cubic":
+        return target + (initial - target) * (1.0 - progress) ** 3
+    return initial + (target - initial) * progress
+
+
+def is_update_step(t: int, start: int, end: int, interval: int) -> bool:
+    """Whether masks are recomputed after ``t`` steps: every ``interval`` steps
+    from ``start`` through ``end``, and at ``end``."""
+    if isinstance(interval, bool) or not isinstance(interval, Integral) or interval < 1:
+        raise ValueError(f"pruning interval must be an integer >= 1, got {interval!r}")
+    if isinstance(start, bool) or not isinstance(start, Integral) or start < 0:
+        raise ValueError(f"start step must be an integer >= 0, got {start!r}")
+    if isinstance(end, bool) or not isinstance(end, Integral) or end < start:
+        raise ValueError(f"end step must be an integer >= start step ({start}), got {end!r}")
+    if t == end:
+        return True
+    return start <= t <= end and (t - start) % interval == 0
+
+
+def last_update_step(t: int, start: int, end: int, interval: int) -> int | None:
+    """The latest update step ``<= t`` (None before ``start``): the masks in force
+    after ``t`` steps were computed at that step."""
+    if t < start:
+        return None
+    if t >= end:
+        return end
+    return start + (t - start) // interval * interval
