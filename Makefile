@@ -19,13 +19,13 @@ endif
 endif
 
 # Make-line shorthands that become config overrides (validated like .config).
-SHORTHANDS := EPOCHS MAX_ITERS BATCH_SIZE LR SEED DEVICE DATASET DATA_DIR NPROC CHECKPOINT_INTERVAL
+SHORTHANDS := EPOCHS MAX_ITERS BATCH_SIZE LR SEED DEVICE DATASET DATA_DIR NPROC CHECKPOINT_INTERVAL JOBS
 OVERRIDES  := $(foreach v,$(SHORTHANDS),$(if $($(v)),--override=$(v)=$($(v))))
 SET        ?=
 
 .DEFAULT_GOAL := all
 .PHONY: all help install demo check test defconfig menuconfig olddefconfig savedefconfig \
-        list-defconfigs prepare-data continue evaluate clean mrproper
+        list-defconfigs prepare-data continue dry-run status gputop evaluate clean mrproper
 
 help:
 	@echo "AdamWPrune - pruning during training with the state Adam already keeps"
@@ -46,12 +46,16 @@ help:
 	@echo "Training:"
 	@echo "  make                   train what .config describes; results in results/<timestamp>_<run>/"
 	@echo "  make prepare-data      tokenize the GPT-2 corpus .config names (also done before the first run)"
-	@echo "  make continue [DIR=]   resume the newest interrupted run (or DIR) from its last.pt"
+	@echo "  make dry-run           list the cells of the configured test matrix without running them"
+	@echo "  make status [DIR=]     done / running / failed / pending per cell of the newest matrix"
+	@echo "  make continue [DIR=]   resume the newest interrupted run or matrix (or DIR) from last.pt"
+	@echo "                         RERUN_FAILED=1 also reruns failed cells"
+	@echo "  make gputop [DIR=]     live view of device memory and the running cells"
 	@echo "  make evaluate RUN=<run dir> DATA_DIR=<dir>   evaluate best.pt on another copy of the dataset"
 	@echo ""
 	@echo "Overrides on any training target (validated like .config, recorded in the run):"
 	@echo "  EPOCHS= MAX_ITERS= BATCH_SIZE= LR= SEED= DEVICE=cpu|cuda|auto DATASET= DATA_DIR= NPROC="
-	@echo "  CHECKPOINT_INTERVAL=  SET=\"SYMBOL=value SYMBOL2=value\""
+	@echo "  CHECKPOINT_INTERVAL= JOBS=<cells at once>  SET=\"SYMBOL=value SYMBOL2=value\""
 	@echo ""
 	@echo "  make clean             remove results/ ; make mrproper also removes .venv and .config"
 
@@ -96,7 +100,16 @@ prepare-data: $(STAMP)
 	$(PY) gpt2/train.py prepare --config $(CONFIG) $(OVERRIDES)
 
 continue: $(STAMP)
-	$(PY) -m adamwprune continue $(if $(DIR),--dir $(DIR))
+	$(PY) -m adamwprune continue $(if $(DIR),--dir $(DIR)) $(if $(RERUN_FAILED),--rerun-failed)
+
+dry-run: $(STAMP)
+	@$(PY) -m adamwprune dry-run --config $(CONFIG) $(OVERRIDES) --set '$(SET)'
+
+status: $(STAMP)
+	@$(PY) -m adamwprune status $(if $(DIR),--dir $(DIR))
+
+gputop: $(STAMP)
+	$(PY) -m adamwprune.monitor --results $(or $(DIR),$$(ls -d results/*/ 2>/dev/null | tail -1))
 
 evaluate: $(STAMP)
 	@test -n "$(RUN)" || { echo "usage: make evaluate RUN=<run dir> [DATA_DIR=<dir>]"; exit 2; }

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from . import checkpoint as ckpt
 from .config import ROOT, ConfigError, load, parse_set
-from .rundir import new_run_path, read_json, write_json_atomic
+from .rundir import new_run_path, read_json, run_name, write_json_atomic
 
 EXIT_DIVERGED = 3
 
@@ -34,15 +34,10 @@ def load_task(model: str, root: Path = ROOT):
 
 
 def cell_id(cfg) -> str:
-    """A short, readable name of what a run is: model_optimizer_pruning[_sparsity][_variant]_sSEED."""
-    parts = [cfg.model, cfg.optimizer if cfg.optimizer != "adamwprune" else f"adamwprune-{cfg.adamwprune_base}",
-             cfg.pruning]
-    if cfg.pruning != "none":
-        parts.append(f"{round(100 * cfg.target_sparsity)}")
-    if cfg.optimizer == "adamwprune" and cfg.pruning == "state":
-        parts.append(cfg.adamwprune_variant)
-    parts.append(f"s{cfg.seed}")
-    return "_".join(parts)
+    """The run's name, as the matrix names its cells."""
+    state = cfg.pruning == "state"
+    return run_name(cfg.model, cfg.optimizer, cfg.pruning, cfg.target_sparsity or 0.0,
+                    cfg.adamwprune_variant if state else None, cfg.seed)
 
 
 # ----------------------------------------------------------------------- run
@@ -57,6 +52,27 @@ def parse_overrides(items: Sequence[str], set_text: str = "") -> list[tuple[str,
     return pairs
 
 
+def train(config_path: Path, overrides: list[tuple[str, str]], run_dir: Optional[Path] = None,
+          resume: bool = False) -> int:
+    """`make`: a matrix when the config selects more than one cell, else one run."""
+    from . import matrix
+
+    cfg, _, _ = load(config_path, dict(overrides))
+    if run_dir is None and not resume and matrix.is_matrix(cfg):
+        mdir = matrix.create(config_path, overrides, results_path(cfg))
+        failed = matrix.run(mdir)
+        return 1 if failed else 0
+    if cfg.matrix:
+        (cell,) = matrix.expand(cfg)  # a one-cell matrix is a single run of that cell
+        overrides = list(cell.overrides) + list(overrides)
+    return train_one(config_path, overrides, run_dir=run_dir, resume=resume)
+
+
+def results_path(cfg) -> Path:
+    p = Path(cfg.results_dir)
+    return p if p.is_absolute() else ROOT / p
+
+
 def train_one(config_path: Optional[Path], overrides: list[tuple[str, str]], run_dir: Optional[Path] = None,
               resume: bool = False, config_text: Optional[str] = None) -> int:
     """Train one run; returns the process exit status."""
@@ -66,8 +82,7 @@ def train_one(config_path: Optional[Path], overrides: list[tuple[str, str]], run
     if config_text is None:
         config_text = Path(config_path).read_text() if config_path else _config_text(kconf)
     if run_dir is None:
-        run_dir = new_run_path(ROOT / cfg.results_dir if not Path(cfg.results_dir).is_absolute()
-                               else Path(cfg.results_dir), cell_id(cfg))
+        run_dir = new_run_path(results_path(cfg), cell_id(cfg))
     if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_torchrun(cfg.nproc, config_path, overrides, run_dir, resume, config_text)
     task = load_task(cfg.model)
@@ -106,12 +121,15 @@ def _launch_torchrun(nproc: int, config_path, overrides, run_dir: Path, resume: 
 
 # ------------------------------------------------------------------ continue
 def find_unfinished(results: Path) -> Optional[Path]:
-    """The newest run directory with a last.pt and no final.json."""
-    runs = sorted((p.parent for p in Path(results).glob("*/last.pt")), key=lambda p: p.name)
-    for run in reversed(runs):
-        if read_json(run / "final.json") is None:
-            return run
-    return None
+    """The newest unfinished run directory or matrix directory under results/."""
+    from . import matrix
+
+    candidates = [p.parent for p in Path(results).glob("*/last.pt") if read_json(p.parent / "final.json") is None]
+    for mdir in Path(results).glob("*/matrix.json"):
+        _, cells = matrix.load_cells(mdir.parent)
+        if any(matrix.cell_state(mdir.parent / c.id) in ("interrupted", "pending") for c in cells):
+            candidates.append(mdir.parent)
+    return max(candidates, key=lambda p: p.name) if candidates else None
 
 
 def continue_run(run_dir: Path) -> int:
@@ -204,6 +222,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c = sub.add_parser("continue", help="resume the latest interrupted run")
     c.add_argument("--dir", type=Path, help="a run directory (default: the newest unfinished one)")
     c.add_argument("--results", type=Path, default=ROOT / "results")
+    c.add_argument("--rerun-failed", action="store_true", help="also rerun failed matrix cells")
+    d = sub.add_parser("dry-run", help="list the cells of the configured matrix")
+    d.add_argument("--config", default=".config")
+    d.add_argument("--override", action="append", default=[])
+    d.add_argument("--set", default="")
+    st = sub.add_parser("status", help="state of every cell of the newest (or DIR) matrix")
+    st.add_argument("--dir", type=Path)
+    st.add_argument("--results", type=Path, default=ROOT / "results")
     e = sub.add_parser("evaluate", help="evaluate a run's best checkpoint")
     e.add_argument("--run", type=Path, required=True)
     e.add_argument("--data-dir")
@@ -213,14 +239,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not Path(args.config).is_file():
                 raise ConfigError(f"{args.config}: no configuration yet; run `make defconfig DEFCONFIG=<name>` "
                                   "first (`make list-defconfigs` lists them)")
-            return train_one(Path(args.config), parse_overrides(args.override, args.set),
-                             run_dir=args.run_dir, resume=args.resume)
+            return train(Path(args.config), parse_overrides(args.override, args.set),
+                         run_dir=args.run_dir, resume=args.resume)
+        if args.cmd == "dry-run":
+            from .matrix import dry_run
+
+            return dry_run(Path(args.config), parse_overrides(args.override, args.set))
+        if args.cmd == "status":
+            from .matrix import latest_matrix, status
+
+            mdir = args.dir or latest_matrix(args.results)
+            if mdir is None:
+                print(f"no matrix under {args.results}")
+                return 0
+            return status(mdir)
         if args.cmd == "continue":
             run = args.dir or find_unfinished(args.results)
             if run is None:
                 print(f"nothing to continue: every run under {args.results} has finished")
                 return 0
             print(f"continuing {run}")
+            if (run / "matrix.json").exists():
+                from .matrix import run as run_matrix
+
+                return 1 if run_matrix(run, rerun_failed=args.rerun_failed) else 0
             return continue_run(run)
         if args.cmd == "evaluate":
             evaluate_run(args.run, args.data_dir)

@@ -19,7 +19,7 @@ def defconfig(name: str, overrides: dict[str, str], out: Path) -> None:
     load_file(kconf, path, strict=True)
     apply_overrides(kconf, overrides)
     to_config(kconf)  # floats and cross-field checks now, not at run time
-    write_config(kconf, out)
+    write_config(kconf, out, defconfig=name)
     print(f"configured {out} from {path.relative_to(ROOT)}" +
           (f" with {' '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""))
 

@@ -130,6 +130,18 @@ class RunDir:
         return read_json(self.path / "final.json")
 
 
+def run_name(model: str, optimizer: str, pruning: str, sparsity: float, variant: Optional[str],
+             seed: int) -> str:
+    """model_optimizer_pruning[_sparsity][_variant]_sSEED: what a run is, readable."""
+    parts = [model, optimizer, pruning]
+    if pruning != "none":
+        parts.append(f"{round(100 * sparsity)}")
+    if variant:
+        parts.append(variant)
+    parts.append(f"s{seed}")
+    return "_".join(parts)
+
+
 def new_run_path(results_dir: Path, name: str, existing: Iterable[Path] = ()) -> Path:
     """results/<timestamp>_<name>, never reusing an existing directory."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
