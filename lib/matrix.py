@@ -229,7 +229,7 @@ def _cell_env(slot: int, jobs: int) -> tuple[dict, list[tuple[str, str]]]:
     n_gpu = torch.cuda.device_count()
     if n_gpu:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % n_gpu)
-    else:
+    elif jobs > 1:
         extra.append(("RUN_THREADS", str(max(1, (os.cpu_count() or 1) // jobs))))
     return env, extra
 
