@@ -34,8 +34,10 @@ PENDING = "pending"
 FAILED_STATUSES = ("diverged", "failed")
 # Components of adamwprune.memory.memory_report, in the order they are shown.
 COMPONENTS = ("parameters", "gradients", "optimizer_state", "pruning_buffers", "total")
-# What makes two runs the same configuration (seeds are what varies inside one).
-CONFIG_KEY = ("model", "optimizer", "base", "pruning", "target_sparsity", "variant")
+# What makes two runs the same configuration (seeds are what varies inside one). AdamWPrune's
+# base optimizer is not an axis of a matrix (it comes from .config), and a pending cell has no
+# config.json to read it from, so it is carried along but does not split configurations.
+CONFIG_KEY = ("model", "optimizer", "pruning", "target_sparsity", "variant")
 # Run directories live in a matrix directory beside these, which are not cells.
 NOT_CELLS = ("graphs",)
 
@@ -162,7 +164,8 @@ def _row(group: list[dict]) -> dict:
     done = [r for r in group if r["status"] == COMPLETED]
     named = next((r for r in group if r["metric_name"]), first)
     row = {k: first[k] for k in CONFIG_KEY}
-    row.update(method=method_label(first), metric_name=named["metric_name"],
+    row["base"] = next((r["base"] for r in group if r["base"]), None)
+    row.update(method=method_label(row), metric_name=named["metric_name"],
                higher_is_better=named["higher_is_better"], runs=len(group), n_seeds=len(done),
                failed=sum(r["status"] in FAILED_STATUSES for r in group),
                unfinished=sum(r["status"] not in (COMPLETED, *FAILED_STATUSES) for r in group),
@@ -194,7 +197,7 @@ def group_records(records: Iterable[dict]) -> dict[tuple, list[dict]]:
 
 
 def summarize(records: Iterable[dict]) -> list[dict]:
-    """One row per configuration (model, optimizer, base, pruning, target sparsity, variant)."""
+    """One row per configuration (model, optimizer, pruning, target sparsity, variant)."""
     return [_row(group) for group in group_records(records).values()]
 
 
@@ -203,8 +206,9 @@ def best_methods(rows: Iterable[dict]) -> list[dict]:
 
     The test metric of the chosen method is reported but never used to choose.
     `exceeds_spread` is whether the margin to the runner-up is larger than the
-    larger of the two seed-to-seed standard deviations; None when either has a
-    single seed (or there is no runner-up), with the reason in `verdict`.
+    larger of the two seed-to-seed standard deviations (False for a tie); None
+    when either has a single seed (or there is no runner-up), with the reason in
+    `verdict`.
     """
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -229,7 +233,9 @@ def best_methods(rows: Iterable[dict]) -> list[dict]:
         else:
             margin = abs(best["val_mean"] - runner["val_mean"])
             entry.update(runner_up=runner["method"], runner_up_val_mean=runner["val_mean"], margin=margin)
-            if min(best["n_seeds"], runner["n_seeds"]) < 2:
+            if margin == 0:
+                entry.update(exceeds_spread=False, verdict="no (tie)")
+            elif min(best["n_seeds"], runner["n_seeds"]) < 2:
                 entry["verdict"] = "n/a (1 seed)"
             else:
                 entry["exceeds_spread"] = margin > max(best["val_std"], runner["val_std"])
@@ -239,22 +245,22 @@ def best_methods(rows: Iterable[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------- writing
-CSV_FIELDS = (*CONFIG_KEY, "method", "metric_name", "higher_is_better", "runs", "n_seeds", "failed",
+CSV_FIELDS = (*CONFIG_KEY, "base", "method", "metric_name", "higher_is_better", "runs", "n_seeds", "failed",
               "unfinished", "val_mean", "val_std", "test_mean", "test_std", "sparsity_mean",
               "peak_mib", "mean_mib", "allocator_peak_mib", "memory_source",
               *(f"bpp_{c}" for c in COMPONENTS), "step_ms", "seeds")
 METRIC_UNITS = {"accuracy": "%", "perplexity": ""}
 
 
-def _num(value, digits: int = 2) -> str:
+def fmt_num(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _pm(mean, std) -> str:
+def fmt_pm(mean, std) -> str:
     return "–" if mean is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def _pct(fraction) -> str:
+def fmt_pct(fraction) -> str:
     return "–" if fraction is None else f"{100 * fraction:.1f}%"
 
 
@@ -274,21 +280,21 @@ def results_table(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
         unit = METRIC_UNITS.get(r["metric_name"], "")
-        lines.append([str(r["model"]), r["method"], _pct(r["target_sparsity"]), str(r["n_seeds"]),
+        lines.append([str(r["model"]), r["method"], fmt_pct(r["target_sparsity"]), str(r["n_seeds"]),
                       str(r["failed"]), f"{r['metric_name'] or '–'}{f' ({unit})' if unit else ''}",
-                      _pm(r["val_mean"], r["val_std"]), _pm(r["test_mean"], r["test_std"]),
-                      _pct(r["sparsity_mean"]), _num(r["peak_mib"], 1), _num(r["mean_mib"], 1),
-                      *([_num(r["allocator_peak_mib"], 1)] if alloc else []),
-                      *(_num(r[f"bpp_{c}"]) for c in COMPONENTS), _num(r["step_ms"], 1)])
+                      fmt_pm(r["val_mean"], r["val_std"]), fmt_pm(r["test_mean"], r["test_std"]),
+                      fmt_pct(r["sparsity_mean"]), fmt_num(r["peak_mib"], 1), fmt_num(r["mean_mib"], 1),
+                      *([fmt_num(r["allocator_peak_mib"], 1)] if alloc else []),
+                      *(fmt_num(r[f"bpp_{c}"]) for c in COMPONENTS), fmt_num(r["step_ms"], 1)])
     return _table(header, lines)
 
 
 def best_table(best: list[dict]) -> list[str]:
     header = ["model", "target sparsity", "best method (by validation)", "val (mean ± std)",
               "test (mean ± std)", "runner-up", "margin (val)", "margin > seed spread?"]
-    lines = [[str(b["model"]), _pct(b["target_sparsity"]), b["best"],
-              _pm(b["best_val_mean"], b["best_val_std"]), _pm(b["best_test_mean"], b["best_test_std"]),
-              b["runner_up"] or "–", _num(b["margin"]), b["verdict"]] for b in best]
+    lines = [[str(b["model"]), fmt_pct(b["target_sparsity"]), b["best"],
+              fmt_pm(b["best_val_mean"], b["best_val_std"]), fmt_pm(b["best_test_mean"], b["best_test_std"]),
+              b["runner_up"] or "–", fmt_num(b["margin"]), b["verdict"]] for b in best]
     return _table(header, lines)
 
 
@@ -365,7 +371,8 @@ def resolve_dir(arg: Optional[str]) -> Path:
     if arg:
         path = Path(arg)
         if not path.is_dir():
-            raise SystemExit(f"{path} is not a directory; pass a matrix directory (results/<timestamp>_<name>)")
+            raise SystemExit(f"{path} is not a directory; pass a matrix directory "
+                             "(results/<timestamp>_<name>)")
         return path
     path = latest_matrix()
     if path is None:
