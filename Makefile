@@ -25,7 +25,7 @@ SET        ?=
 
 .DEFAULT_GOAL := all
 .PHONY: all help install demo check test defconfig menuconfig olddefconfig savedefconfig \
-        list-defconfigs prepare-data continue dry-run status gputop evaluate clean mrproper
+        list-defconfigs prepare-data continue dry-run status summary update-graphs gputop evaluate clean mrproper
 
 help:
 	@echo "AdamWPrune - pruning during training with the state Adam already keeps"
@@ -50,6 +50,8 @@ help:
 	@echo "  make status [DIR=]     done / running / failed / pending per cell of the newest matrix"
 	@echo "  make continue [DIR=]   resume the newest interrupted run or matrix (or DIR) from last.pt"
 	@echo "                         RERUN_FAILED=1 also reruns failed cells"
+	@echo "  make summary [DIR=]    rebuild summary.csv / summary.md of the newest (or DIR) matrix"
+	@echo "  make update-graphs [DIR=]  figures + report.md into <matrix>/graphs/ and images/<model>/"
 	@echo "  make gputop [DIR=]     live view of device memory and the running cells"
 	@echo "  make evaluate RUN=<run dir> DATA_DIR=<dir>   evaluate best.pt on another copy of the dataset"
 	@echo ""
@@ -73,6 +75,7 @@ demo: $(STAMP)
 	@mkdir -p $(dir $(DEMO_CONFIG))
 	$(PY) -m adamwprune.kconfig_cli --config $(DEMO_CONFIG) defconfig lenet5-demo
 	$(PY) -m adamwprune run --config $(DEMO_CONFIG) $(OVERRIDES) --set '$(SET)'
+	$(PY) -m adamwprune.graphs --run
 
 check test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -107,6 +110,12 @@ dry-run: $(STAMP)
 
 status: $(STAMP)
 	@$(PY) -m adamwprune status $(if $(DIR),--dir $(DIR))
+
+summary: $(STAMP)
+	$(PY) -m adamwprune.summary $(DIR)
+
+update-graphs: $(STAMP)
+	$(PY) -m adamwprune.graphs $(DIR)
 
 gputop: $(STAMP)
 	$(PY) -m adamwprune.monitor --results $(or $(DIR),$$(ls -d results/*/ 2>/dev/null | tail -1))
