@@ -1,1 +1,27 @@
-"""AdamWPrune: pruning during training with the state Adam already keeps."""
+"""AdamWPrune: pruning during training with the state Adam already keeps.
+
+Library use in your own training code:
+
+    from adamwprune import AdamWPrune, param_groups
+    opt = AdamWPrune(param_groups(model, weight_decay=0.01), lr=1e-3,
+                     target_sparsity=0.7, start_step=100, end_step=800, interval=50)
+    ...  # loss.backward(); opt.step(); opt.zero_grad()
+
+or any optimizer with a pruner stepped after it:
+
+    pruner = MagnitudePruner(model, 0.7, start_step=100, end_step=800, interval=50,
+                             optimizer=opt)
+    ...  # opt.step(); pruner.step()
+"""
+from .memory import memory_report
+from .optim.adamwadv import AdamWAdv
+from .optim.adamwprune import AdamWPrune
+from .optim.spam import AdamWSpam
+from .params import param_groups, prunable_parameters
+from .pruning import MagnitudePruner, MovementPruner, NoPruner, StatePruner, sparsity_at
+
+__all__ = [
+    "AdamWAdv", "AdamWPrune", "AdamWSpam", "MagnitudePruner", "MovementPruner", "NoPruner",
+    "StatePruner", "memory_report", "param_groups", "prunable_parameters", "sparsity_at",
+]
+__version__ = "0.1.0"
