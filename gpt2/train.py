@@ -91,7 +91,9 @@ class GPT2Task:
         return mean, perplexity(mean)
 
     def eval_batches(self, split, cfg, rank, world_size):
-        return split.eval_batches(self.micro_batch, cfg.eval_batches or DEFAULT_EVAL_BATCHES, rank, world_size)
+        # The same windows whatever the number of ranks: eval_batches global micro-batches.
+        n = (cfg.eval_batches or DEFAULT_EVAL_BATCHES) * world_size
+        return split.eval_batches(self.micro_batch, n, rank, world_size)
 
 
 TASK = GPT2Task()

@@ -42,13 +42,13 @@ class DistContext:
         dist.all_reduce(t)
         return dict(zip(keys, t.tolist()))
 
-    def broadcast_flag(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank if it is true on any rank (e.g. a diverged loss)."""
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean of a tensor over ranks (the tensor itself for one process)."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)
+        return t / self.world_size
 
     def barrier(self) -> None:
         if self.enabled:

@@ -262,8 +262,10 @@ class Trainer:
                                                   yb.to(self.device, non_blocking=True)))
                 (loss / len(micro)).backward()
             total += loss.detach()
-        loss_value = total.item() / len(micro)
-        if self.dist.broadcast_flag(not math.isfinite(loss_value), self.device):
+        # The mean over ranks: what one process with the same global batch would see,
+        # and a NaN on any rank stops every rank.
+        loss_value = self.dist.mean(total).item() / len(micro)
+        if not math.isfinite(loss_value):
             raise DivergedError(f"loss is {loss_value} at step {self.step + 1}")
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
