@@ -19,13 +19,13 @@ endif
 endif
 
 # Make-line shorthands that become config overrides (validated like .config).
-SHORTHANDS := EPOCHS MAX_ITERS BATCH_SIZE LR SEED DEVICE DATASET DATA_DIR NPROC CHECKPOINT_INTERVAL JOBS
+SHORTHANDS := EPOCHS MAX_ITERS BATCH_SIZE LR SEED DEVICE DATASET DATA_DIR NPROC CHECKPOINT_INTERVAL JOBS TRACKER
 OVERRIDES  := $(foreach v,$(SHORTHANDS),$(if $($(v)),--override=$(v)=$($(v))))
 SET        ?=
 
 .DEFAULT_GOAL := all
 .PHONY: all help install demo check test defconfig menuconfig olddefconfig savedefconfig \
-        list-defconfigs prepare-data continue dry-run status summary update-graphs gputop evaluate clean mrproper
+        list-defconfigs prepare-data continue dry-run status summary update-graphs trackio-view trackio-test wandb-test gputop evaluate clean mrproper
 
 help:
 	@echo "AdamWPrune - pruning during training with the state Adam already keeps"
@@ -52,12 +52,14 @@ help:
 	@echo "                         RERUN_FAILED=1 also reruns failed cells"
 	@echo "  make summary [DIR=]    rebuild summary.csv / summary.md of the newest (or DIR) matrix"
 	@echo "  make update-graphs [DIR=]  figures + report.md into <matrix>/graphs/ and images/<model>/"
+	@echo "  make trackio-view [MODEL=]  open trackio's local dashboard (results/trackio)"
+	@echo "  make trackio-test / make wandb-test   log a short fake run to check a tracker's set-up"
 	@echo "  make gputop [DIR=]     live view of device memory and the running cells"
 	@echo "  make evaluate RUN=<run dir> DATA_DIR=<dir>   evaluate best.pt on another copy of the dataset"
 	@echo ""
 	@echo "Overrides on any training target (validated like .config, recorded in the run):"
 	@echo "  EPOCHS= MAX_ITERS= BATCH_SIZE= LR= SEED= DEVICE=cpu|cuda|auto DATASET= DATA_DIR= NPROC="
-	@echo "  CHECKPOINT_INTERVAL= JOBS=<cells at once>  SET=\"SYMBOL=value SYMBOL2=value\""
+	@echo "  CHECKPOINT_INTERVAL= JOBS=<cells at once> TRACKER=none|trackio|wandb|trackio,wandb  SET=\"SYMBOL=value SYMBOL2=value\""
 	@echo ""
 	@echo "  make clean             remove results/ ; make mrproper also removes .venv and .config"
 
@@ -116,6 +118,15 @@ summary: $(STAMP)
 
 update-graphs: $(STAMP)
 	$(PY) -m adamwprune.graphs $(DIR)
+
+trackio-view: $(STAMP)
+	$(PY) -m adamwprune.tracking view --dir results/trackio $(if $(MODEL),--model $(MODEL))
+
+trackio-test: $(STAMP)
+	$(PY) scripts/tracker_test.py trackio --dir results/trackio
+
+wandb-test: $(STAMP)
+	$(PY) scripts/tracker_test.py wandb --dir results/wandb-test
 
 gputop: $(STAMP)
 	$(PY) -m adamwprune.monitor --results $(or $(DIR),$$(ls -d results/*/ 2>/dev/null | tail -1))

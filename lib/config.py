@@ -90,6 +90,8 @@ FIELDS: tuple[Field, ...] = (
     Field("threads", "RUN_THREADS", "int"),
     Field("results_dir", "RUN_RESULTS_DIR", "str"),
     _float("monitor_interval", "RUN_MONITOR_INTERVAL", 0.0, 3600.0, lo_open=True),
+    Field("tracker_trackio", "TRACKER_TRACKIO", "bool"),
+    Field("tracker_wandb", "TRACKER_WANDB", "bool"),
     # optimizer
     _choice("optimizer", "OPTIMIZER"),
     _float("lr", "OPT_LR", 0.0, 100.0, lo_open=True),
@@ -289,10 +291,24 @@ def resolve_override(kconf: kconfiglib.Kconfig, key: str, value: str) -> tuple[s
     return key, value
 
 
+def expand_tracker(value: str) -> list[tuple[str, str]]:
+    """TRACKER=none|trackio|wandb|trackio,wandb -> one TRACKER_<NAME> bool per tracker."""
+    from .tracking import TRACKERS, parse_tracker_names
+
+    try:
+        names = parse_tracker_names(value)
+    except ValueError as exc:
+        raise ConfigError(f"TRACKER={value}: {exc}") from None
+    return [(f"TRACKER_{t.upper()}", "y" if t in names else "n") for t in TRACKERS]
+
+
 def apply_overrides(kconf: kconfiglib.Kconfig, overrides: Mapping[str, str]) -> dict[str, str]:
     """Apply overrides in order; returns {symbol: value} actually asked for."""
     asked: dict[str, str] = {}
+    pairs: list[tuple[str, str]] = []
     for key, value in overrides.items():
+        pairs += expand_tracker(str(value)) if key == "TRACKER" else [(key, value)]
+    for key, value in pairs:
         sym_name, val = resolve_override(kconf, key, str(value))
         kconf.syms[sym_name].set_value(val)
         asked[sym_name] = val

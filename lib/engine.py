@@ -144,6 +144,7 @@ class Trainer:
         self.run = RunDir(run_dir, enabled=self.dist.is_main)
         self.config_text, self.overrides = config_text, overrides or {}
         self.sampler = None
+        self.tracker = None
 
     # -- construction
     def setup(self) -> None:
@@ -304,7 +305,35 @@ class Trainer:
             self.best = Best(val_metric, self.step, test_metric, val_loss)
             self.save_best()
         self.run.append_metrics(row)
+        if self.tracker is not None:
+            from .tracking import row_to_metrics
+
+            extra = {"step_time_s": self._train_time / max(1, self._steps_run)}
+            extra.update(self._memory_now())
+            self.tracker.log({**row_to_metrics(row), **extra}, self.step)
         return row
+
+    def _memory_now(self) -> dict:
+        if self.device.type == "cuda":
+            return {"memory/allocated_bytes": torch.cuda.memory_allocated(self.device)}
+        from .monitor import process_family, rss_bytes
+
+        return {"memory/rss_bytes": rss_bytes(process_family(os.getpid()))}
+
+    def _start_tracker(self, resumed: bool) -> None:
+        cfg = self.cfg
+        names = [n for n, on in (("trackio", cfg.tracker_trackio), ("wandb", cfg.tracker_wandb)) if on]
+        if not names or not self.dist.is_main:
+            return
+        from .config import resolve_path
+        from .tracking import build_trackers, project_name
+
+        in_matrix = (self.run.path.parent / "matrix.json").exists()
+        self.tracker = build_trackers(
+            names, project=project_name(cfg.model), run_name=self.run.path.name,
+            group=self.run.path.parent.name if in_matrix else self.run.path.name,
+            config={**cfg.to_dict(), "metric_name": self.task.metric_name}, directory=self.run.path,
+            trackio_directory=resolve_path(cfg.results_dir) / "trackio", resume=resumed)
 
     # -- the loop
     def fit(self, resume: bool = False) -> dict:
@@ -312,6 +341,7 @@ class Trainer:
         self.setup()
         resumed = self.resume() if resume else False
         self._write_start_files(resumed)
+        self._start_tracker(resumed)
         self._banner(resumed)
         progress = Progress(self.total_steps, self.step, self.dist.is_main,
                             max(1, self.cfg.log_interval))
@@ -319,13 +349,13 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         status, message, loss = STATUS_COMPLETED, None, None
-        train_time, steps_run = 0.0, 0
+        self._train_time, self._steps_run = 0.0, 0
         try:
             while self.step < self.total_steps:
                 t = time.perf_counter()
                 loss = self.train_step()
-                train_time += time.perf_counter() - t
-                steps_run += 1
+                self._train_time += time.perf_counter() - t
+                self._steps_run += 1
                 due_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
                 if due_eval:
                     row = self._eval_and_log(loss, started)
@@ -337,9 +367,18 @@ class Trainer:
                                 sparsity=self.sparsity() if due_eval or self.step % progress.every == 0 else None)
         except DivergedError as exc:
             status, message = STATUS_DIVERGED, f"training diverged: {exc}; lower LR= or enable TRAIN_GRAD_CLIP"
+        except BaseException:
+            if self.tracker is not None:
+                self.tracker.finish("failed")
+            raise
         finally:
             progress.close()
-        final = self._final(status, message, started, train_time, steps_run)
+        final = self._final(status, message, started, self._train_time, self._steps_run)
+        if self.tracker is not None:
+            from .tracking import final_to_metrics
+
+            self.tracker.log(final_to_metrics(final), final["steps"])
+            self.tracker.finish(status)
         return final
 
     # -- files
