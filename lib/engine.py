@@ -145,6 +145,7 @@ class Trainer:
         self.config_text, self.overrides = config_text, overrides or {}
         self.sampler = None
         self.tracker = None
+        self.cuda_peaks: dict[str, int] = {}
 
     # -- construction
     def setup(self) -> None:
@@ -192,8 +193,16 @@ class Trainer:
         self.sampler.set_phase("setup")
 
     def _set_phase(self, name: str) -> None:
+        """Tell the sampler, and close the CUDA allocator's peak of the phase that ends."""
         if self.sampler is not None:
             self.sampler.set_phase(name)
+        if getattr(self, "device", None) is not None and self.device.type == "cuda":
+            ended = getattr(self, "_phase", None)
+            if ended is not None:
+                peak = torch.cuda.max_memory_allocated(self.device)
+                self.cuda_peaks[ended] = max(self.cuda_peaks.get(ended, 0), peak)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._phase = name
 
     # -- checkpoints
     def _checkpoint_state(self) -> dict:
@@ -345,9 +354,10 @@ class Trainer:
         self._banner(resumed)
         progress = Progress(self.total_steps, self.step, self.dist.is_main,
                             max(1, self.cfg.log_interval))
-        self._set_phase("train")
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if not resumed:
+            self.run.truncate_metrics(0)  # rows of an attempt that died before its first checkpoint
+        # torch.compile compiles on the first step: keep that out of the training figures.
+        self._set_phase("compile" if self.cfg.compile else "train")
         status, message, loss = STATUS_COMPLETED, None, None
         self._train_time, self._steps_run = 0.0, 0
         try:
@@ -356,6 +366,8 @@ class Trainer:
                 loss = self.train_step()
                 self._train_time += time.perf_counter() - t
                 self._steps_run += 1
+                if self._phase == "compile":
+                    self._set_phase("train")
                 due_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
                 if due_eval:
                     row = self._eval_and_log(loss, started)
@@ -418,10 +430,11 @@ class Trainer:
     def _final(self, status: str, message: Optional[str], started: float, train_time: float,
                steps_run: int) -> dict:
         total, prunable = self.param_counts()
+        self._set_phase("done")  # closes the last phase's allocator peak
         mem = self.sampler.summary("train") if self.sampler is not None else {}
         if self.sampler is not None:
             self.sampler.stop()
-        cuda_peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        cuda_peak = self.cuda_peaks.get("train") if self.device.type == "cuda" else None
         final = {
             "status": status, "message": message, "task": self.task.name,
             "metric_name": self.task.metric_name, "higher_is_better": self.task.higher_is_better,
@@ -433,6 +446,7 @@ class Trainer:
             "step_time_s": train_time / steps_run if steps_run else None,
             "peak_memory_bytes": cuda_peak if cuda_peak is not None else mem.get("peak_bytes"),
             "cuda_allocator_peak_bytes": cuda_peak,
+            "cuda_allocator_peak_bytes_by_phase": self.cuda_peaks or None,
             "sampled_memory": mem,
             "memory": memory_report(self.model, self.optimizer, self.pruner),
             "config": {"model": self.cfg.model, "optimizer": self.cfg.optimizer,
