@@ -146,3 +146,10 @@ def test_defconfig_cli_refuses_unknown_symbol_in_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "CONFIG_TRAIN_EPOCHZ=3: unknown symbol" in r.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_every_prompted_option_has_help_text():
+    kconf = C.load_kconfig()
+    missing = [s.name for s in kconf.unique_defined_syms
+               if s.choice is None and any(n.prompt for n in s.nodes) and not any(n.help for n in s.nodes)]
+    assert not missing, f"Kconfig options without help: {missing}"
