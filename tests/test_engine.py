@@ -110,7 +110,7 @@ def _write_config(tmp_path, **extra):
 
 
 def test_kill_9_then_continue_finishes_the_run_in_place(tmp_path):
-    cfg_path = _write_config(tmp_path, MAX_ITERS="400", CHECKPOINT_INTERVAL="20", TRAIN_EVAL_INTERVAL="100")
+    cfg_path = _write_config(tmp_path, MAX_ITERS="240", CHECKPOINT_INTERVAL="20", TRAIN_EVAL_INTERVAL="60")
     ref = _cli("run", "--config", str(cfg_path), "--run-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     env = dict(os.environ, PYTHONUNBUFFERED="1")
