@@ -576,7 +576,7 @@ def plot_run(run_dir: PathLike, out_png: PathLike) -> Path:
             top.axvline(final["best_step"], color="grey", linestyle=":", label="best validation step")
         if final.get("higher_is_better") is False:
             log_y(top)
-        top.set(ylabel=metric_label(metric, ""), title=f"{rec['id']}: {S.method_label(rec)}")
+        top.set(ylabel=metric_label(metric, ""), title=f"{rec['id'].split('_', 1)[-1]}\n{S.method_label(rec)}")
         top.legend()
         bottom.plot(steps, [100 * r["sparsity"] for r in rows], marker=".", color="tab:green",
                     label="measured")
