@@ -31,5 +31,7 @@ def load(path: Path, map_location: Any = "cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/corrupt files
+        hint = ("delete it and `make continue` restarts the run from scratch" if path.name == "last.pt"
+                else "delete it; it cannot be read")
         raise CheckpointError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {str(exc)[:80]}); "
-                              "delete it to restart this run from scratch") from None
+                              f"{hint}") from None

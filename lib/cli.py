@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from . import checkpoint as ckpt
 from .config import ROOT, ConfigError, load, parse_set
+from .matrix import MatrixBusy
 from .rundir import new_run_path, read_json, run_name, write_json_atomic
 
 EXIT_DIVERGED = 3
@@ -267,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "evaluate":
             evaluate_run(args.run, args.data_dir)
             return 0
-    except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError, MatrixBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 1

@@ -310,7 +310,10 @@ class Trainer:
                "train_loss": train_loss, "val_loss": val_loss, "val_metric": val_metric,
                "test_loss": test_loss, "test_metric": test_metric, "sparsity": self.sparsity(),
                "lr": self.optimizer.param_groups[0]["lr"], "elapsed_s": time.time() - started}
-        if self.best.improved(val_metric, self.task.higher_is_better):
+        # Only a model at its final sparsity may be "best": an evaluation during the
+        # ramp would report a denser model's accuracy as the pruned model's.
+        at_target = self.step >= self.budget.schedule.end
+        if at_target and self.best.improved(val_metric, self.task.higher_is_better):
             self.best = Best(val_metric, self.step, test_metric, val_loss)
             self.save_best()
         self.run.append_metrics(row)
@@ -364,19 +367,22 @@ class Trainer:
             while self.step < self.total_steps:
                 t = time.perf_counter()
                 loss = self.train_step()
-                self._train_time += time.perf_counter() - t
-                self._steps_run += 1
-                if self._phase == "compile":
+                if self._phase == "compile":  # the compiling step is not a training step's time
                     self._set_phase("train")
+                else:
+                    self._train_time += time.perf_counter() - t
+                    self._steps_run += 1
                 due_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
+                metric = {}
                 if due_eval:
                     row = self._eval_and_log(loss, started)
                     self.save_last()
-                    progress.update(self.step, metric=row["val_metric"], metric_name=self.task.metric_name)
+                    metric = {"metric": row["val_metric"], "metric_name": self.task.metric_name}
                 elif self.step % self.cfg.checkpoint_interval == 0:
                     self.save_last()
                 progress.update(self.step, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
-                                sparsity=self.sparsity() if due_eval or self.step % progress.every == 0 else None)
+                                sparsity=self.sparsity() if due_eval or self.step % progress.every == 0 else None,
+                                **metric)
         except DivergedError as exc:
             status, message = STATUS_DIVERGED, f"training diverged: {exc}; lower LR= or enable TRAIN_GRAD_CLIP"
         except BaseException:

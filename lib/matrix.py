@@ -268,8 +268,25 @@ def _finish(matrix_dir: Path, cell: Cell, code: int) -> str:
     return state
 
 
+class MatrixBusy(RuntimeError):
+    """Another runner is alive on this matrix."""
+
+
 def run(matrix_dir: Path, rerun_failed: bool = False, jobs: Optional[int] = None) -> int:
     """Run (or continue) every unfinished cell; returns the number of failed cells."""
+    lock = Path(matrix_dir) / "runner.pid"
+    other = int(lock.read_text() or 0) if lock.exists() else 0
+    if other and other != os.getpid() and _alive(other):
+        raise MatrixBusy(f"{matrix_dir} is being run by process {other}; wait for it (`make status`) "
+                         f"or stop it before `make continue`")
+    lock.write_text(str(os.getpid()))
+    try:
+        return _run(matrix_dir, rerun_failed, jobs)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _run(matrix_dir: Path, rerun_failed: bool, jobs: Optional[int]) -> int:
     meta, cells = load_cells(matrix_dir)
     jobs = max(1, jobs or meta.get("jobs") or 1)
     todo = []

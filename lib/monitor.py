@@ -723,20 +723,25 @@ def _last_record(path: Path) -> dict | None:
 
 
 def scan_matrix(results_dir) -> list[dict]:
-    """One entry per cell (subfolder): name, status (done/running/pending), the
-    last metrics.jsonl row, and seconds since metrics.jsonl last changed."""
+    """One entry per cell of the matrix: name, status (done / running / pending, as
+    adamwprune.matrix.cell_state judges it), the last metrics.jsonl row, and seconds
+    since metrics.jsonl last changed."""
+    from .matrix import cell_state, load_cells
+
+    path = Path(results_dir)
+    try:
+        names = [c.id for c in load_cells(path)[1]]
+    except FileNotFoundError:  # not a matrix: every subfolder with a run in it
+        names = sorted(p.name for p in path.iterdir() if (p / "config.json").exists())
+    summary = {"done": "done", "diverged": "done", "running": "running", "interrupted": "running"}
     cells = []
-    for cell in sorted(p for p in Path(results_dir).iterdir() if p.is_dir()):
+    for name in names:
+        cell = path / name
         metrics = cell / "metrics.jsonl"
-        if (cell / "final.json").exists():
-            status = "done"
-        elif (cell / "last.pt").exists() or metrics.exists():
-            status = "running"
-        else:
-            status = "pending"
+        status = summary.get(cell_state(cell), "pending")
         last = _last_record(metrics) if metrics.exists() else None
         age = time.time() - metrics.stat().st_mtime if metrics.exists() else None
-        cells.append({"name": cell.name, "status": status, "last": last, "age_s": age})
+        cells.append({"name": name, "status": status, "last": last, "age_s": age})
     return cells
 
 

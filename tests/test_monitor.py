@@ -390,10 +390,17 @@ def test_sampler_with_fake_nvml_headlines_our_gpu_memory(tmp_path):
 
 
 def _matrix(tmp_path):
+    """A matrix directory as adamwprune.matrix writes it: done, running and pending cells."""
     root = tmp_path / "20260101-120000_lenet5"
-    for cell in ("adamw_magnitude", "adamwprune_state", "sgd_none"):
+    names = ("adamw_magnitude", "adamwprune_state", "sgd_none")
+    for cell in names:
         (root / cell).mkdir(parents=True)
-    (root / "adamw_magnitude" / "final.json").write_text("{}")
+    (root / "graphs").mkdir()  # not a cell
+    cells = [{"id": n, "model": "lenet5", "optimizer": n.split("_")[0], "pruning": n.split("_")[1],
+              "sparsity": 0.5, "variant": None, "seed": 1, "overrides": []} for n in names]
+    (root / "matrix.json").write_text(json.dumps({"name": "lenet5", "overrides": [], "cells": cells}))
+    (root / "adamw_magnitude" / "final.json").write_text('{"status": "completed"}')
+    (root / "adamwprune_state" / "cell.json").write_text(json.dumps({"status": "running", "pid": os.getpid()}))
     rows = [{"step": 40, "val_metric": 0.91}, {"step": 80, "val_metric": 0.9731}]
     (root / "adamwprune_state" / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 1')
