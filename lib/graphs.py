@@ -171,7 +171,8 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
     front, best = [], None
     for i in order:
         score = sign * points[i][1]
-        if best is None or score > best:
+        # a tolerance: means of equal accuracies differ in the last bits (92.8 vs 92.80000000000001)
+        if best is None or score > best + 1e-9 * max(1.0, abs(best)):
             front.append(i)
             best = score
     return front
