@@ -25,7 +25,7 @@ SET        ?=
 
 .DEFAULT_GOAL := all
 .PHONY: all help install demo check test defconfig menuconfig olddefconfig savedefconfig \
-        list-defconfigs prepare-data continue dry-run status summary update-graphs trackio-view trackio-test wandb-test gputop evaluate clean mrproper
+        list-defconfigs prepare-data continue dry-run status summary update-graphs trackio-view trackio-test wandb-test bench gputop evaluate clean mrproper
 
 help:
 	@echo "AdamWPrune - pruning during training with the state Adam already keeps"
@@ -54,6 +54,7 @@ help:
 	@echo "  make update-graphs [DIR=]  figures + report.md into <matrix>/graphs/ and images/<model>/"
 	@echo "  make trackio-view [MODEL=]  open trackio's local dashboard (results/trackio)"
 	@echo "  make trackio-test / make wandb-test   log a short fake run to check a tracker's set-up"
+	@echo "  make bench             optimizer-step, memory, mask-update and engine benchmarks -> results/bench/"
 	@echo "  make gputop [DIR=]     live view of device memory and the running cells"
 	@echo "  make evaluate RUN=<run dir> DATA_DIR=<dir>   evaluate best.pt on another copy of the dataset"
 	@echo ""
@@ -140,3 +141,5 @@ clean:
 
 mrproper: clean
 	rm -rf $(VENV) .config .config.old
+bench: $(STAMP)
+	$(PY) -m adamwprune.bench $(BENCH_ARGS)

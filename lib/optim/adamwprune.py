@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import importlib
+import warnings
+from array import array
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+import torch.optim.optimizer as torch_optimizer
 
-from adamwprune.optim.importance import get_importance
+from adamwprune.optim import cpu_kernels
+from adamwprune.optim.importance import get_importance, hybrid_score, magnitude_score
 from adamwprune.pruning.base import zero_optimizer_state
 from adamwprune.pruning.schedule import (is_update_step, last_update_step, sparsity_at,
                                          validate_schedule)
-from adamwprune.pruning.selection import prune_masks, validate_scope
+from adamwprune.pruning.selection import num_to_prune, prune_masks, validate_scope
 
 
 @dataclass(frozen=True)
@@ -24,17 +28,33 @@ class BaseInfo:
     module: str
     cls: str
     has_amsgrad: bool
+    # The fused CPU kernel computes exactly this base's update (Adam/AdamW, and
+    # AdamWAdv when it does not clip: clipping must see the masked gradient).
+    cpu_kernel: bool = False
 
     def load(self) -> type:
         return getattr(importlib.import_module(self.module), self.cls)
 
 
 BASES: dict[str, BaseInfo] = {
-    "adamw": BaseInfo("adamw", "torch.optim", "AdamW", True),
-    "adam": BaseInfo("adam", "torch.optim", "Adam", True),
-    "adamwadv": BaseInfo("adamwadv", "adamwprune.optim.adamwadv", "AdamWAdv", True),
+    "adamw": BaseInfo("adamw", "torch.optim", "AdamW", True, cpu_kernel=True),
+    "adam": BaseInfo("adam", "torch.optim", "Adam", True, cpu_kernel=True),
+    "adamwadv": BaseInfo("adamwadv", "adamwprune.optim.adamwadv", "AdamWAdv", True,
+                         cpu_kernel=True),
     "adamwspam": BaseInfo("adamwspam", "adamwprune.optim.spam", "AdamWSpam", False),
 }
+
+
+# Scores the fused mask update computes itself (its variant code in the C source).
+FAST_SCORES = {hybrid_score: 0, magnitude_score: 1}
+# With fast=None the fused path is used from this many parameters on: below it the
+# step costs microseconds either way and not compiling the kernels is the better deal.
+FAST_MIN_NUMEL = 1 << 20
+# Candidates the two-pass mask update collects from the threshold bin at most (x 16 B);
+# more means massive exact ties (e.g. many zero scores): the plain path resolves those.
+FAST_MAX_CANDIDATES = 1 << 22
+_FAST_DTYPES = (torch.float32, torch.float64)
+_ADAM_STATE_KEYS = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
 
 
 def _check_int(label: str, value: Any, low: int) -> None:
@@ -71,6 +91,28 @@ class AdamWPrune(torch.optim.Optimizer):
     the mask invariant holds without a mask. With ``target_sparsity = 0`` the
     steps are exactly the base's.
 
+    Fast path (CPU, fp32/fp64, contiguous tensors; ``adamwprune.optim.cpu_kernels``):
+    steps 1 and 2 are one fused C kernel over all tensors; the mask is read
+    inline from w and v, so masking costs no extra pass (bases AdamW, Adam, and
+    AdamWAdv without clipping). On an update step (global scope) the scores are
+    computed in that same pass from the new w, m, v: entries below a sampled
+    bracket around the k-th score are zeroed on the spot and exactly the missing
+    number is then taken from the bracket, smallest (score, index) first. If the
+    bracket missed, that zeroing is undone and an exact two-pass histogram top-k
+    runs instead (as it does for per-layer scope, other bases, or a prunable
+    tensor without gradient). Either way: the same k and tie-breaking by index,
+    no score tensor, concatenation or mask allocated, for every variant whose
+    score is ``hybrid_score`` or ``magnitude_score``. Values agree with the
+    plain path up to rounding (torch's CPU sqrt is not always correctly
+    rounded; the tests compare in float64). The fast path does not zero
+    ``p.grad`` in memory, and is not used while the base optimizer has step
+    hooks (they would not run). ``fast=None`` (default) uses it where it pays:
+    the kernels build (a C compiler, once per machine) and the groups hold at
+    least ``FAST_MIN_NUMEL`` parameters; ``fast=True`` forces it (ValueError if
+    the kernels cannot be built); ``fast=False`` never uses it. Whatever cannot
+    take it (CUDA tensors, AdamWSpam's step, ...) takes the plain path, step by
+    step.
+
     Differences from ``torch.optim.AdamW``: the base's update (which may be
     Adam's coupled L2, AdamWAdv's clipping + AMSGrad or SPAM's); the pruning in
     steps 1 and 3; ``eps``, ``weight_decay`` and ``amsgrad`` default to the
@@ -88,6 +130,7 @@ class AdamWPrune(torch.optim.Optimizer):
             when ``target_sparsity > 0``.
         budget_factor: overrides the variant's step-budget factor (bitter2: 1.21),
             read by the engine through :attr:`step_budget_factor`.
+        fast: None (auto), True or False: the fused CPU path above.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3,
@@ -96,7 +139,8 @@ class AdamWPrune(torch.optim.Optimizer):
                  variant: str = "bitter0", target_sparsity: float = 0.0, start_step: int = 0,
                  end_step: Optional[int] = None, interval: int = 100, schedule: str = "cubic",
                  scope: str = "global", amsgrad: Optional[bool] = None,
-                 budget_factor: Optional[float] = None, **base_kwargs: Any) -> None:
+                 budget_factor: Optional[float] = None, fast: Optional[bool] = None,
+                 **base_kwargs: Any) -> None:
         if base not in BASES:
             raise ValueError(f"unknown AdamWPrune base {base!r}; valid: {', '.join(BASES)}")
         info = BASES[base]
@@ -114,6 +158,11 @@ class AdamWPrune(torch.optim.Optimizer):
             raise ValueError(f"budget_factor must be a number > 0, got {budget_factor!r}")
         if amsgrad is not None and not info.has_amsgrad:
             raise ValueError(f"base {base!r} has no AMSGrad option; leave amsgrad unset")
+        if fast not in (None, True, False):
+            raise ValueError(f"fast must be None (auto), True or False, got {fast!r}")
+        if fast and cpu_kernels.load() is None:
+            raise ValueError(f"fast=True but the CPU kernels cannot be built "
+                             f"({cpu_kernels.load_error()}); use fast=None or fast=False")
 
         kwargs = dict(lr=lr, betas=betas, **base_kwargs)
         for key, value in (("eps", eps), ("weight_decay", weight_decay), ("amsgrad", amsgrad)):
@@ -133,6 +182,16 @@ class AdamWPrune(torch.optim.Optimizer):
         self.start_step, self.end_step, self.interval = int(start_step), int(end_step), int(interval)
         self.schedule, self.scope = schedule, scope
         self._budget_factor = budget_factor
+        self.fast = fast
+        self._fast_cpu_kernel = info.cpu_kernel
+        self._numel_cache: tuple[tuple[int, ...], int] = ((), 0)
+        self._fast_rows: dict = {}  # parameter -> what the kernel needs of it (_fast_row)
+        # Seconds this process spent compiling the CPU kernels (0.0: from the disk
+        # cache; None: not loaded). Reported by the benchmark, never part of a step.
+        self.fast_compile_seconds: Optional[float] = None
+        self._fast_warned = False
+        if any(p.device.type == "cpu" for g in self.param_groups for p in g["params"]):
+            self._kernels()  # build them now (once per machine), not inside the first step
         self.pruning_step = 0
         if self.target_sparsity > 0 and not any(g["prune"] for g in self.param_groups):
             raise ValueError("target_sparsity > 0 but no param group has \"prune\": True; build "
@@ -155,6 +214,7 @@ class AdamWPrune(torch.optim.Optimizer):
             return
         self.base_optimizer.add_param_group(param_group)
         self.param_groups[-1].setdefault("prune", False)
+        self._fast_rows = {}
 
     def _prunable(self) -> list[tuple[torch.Tensor, dict]]:
         return [(p, g) for g in self.param_groups if g["prune"] for p in g["params"]]
@@ -182,22 +242,37 @@ class AdamWPrune(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.masks_in_force():
-            for p, _ in self._prunable():
-                if p.grad is not None:
-                    p.grad.masked_fill_(self.pruned_entries(p), 0)
-        self.base_optimizer.step()
-        self.pruning_step += 1
-        if self.target_sparsity > 0 and is_update_step(
-                self.pruning_step, self.start_step, self.end_step, self.interval):
-            self._prune(self._sparsity_at(self.pruning_step))
+        in_force = self.masks_in_force()
+        t = self.pruning_step + 1
+        update = self.target_sparsity > 0 and is_update_step(
+            t, self.start_step, self.end_step, self.interval)
+        sparsity = self._sparsity_at(t) if update else None
+        stepped, pruned = self._fast_step(in_force, sparsity)
+        if not stepped:
+            if in_force:
+                for p, _ in self._prunable():
+                    if p.grad is not None:
+                        p.grad.masked_fill_(self.pruned_entries(p), 0)
+            self.base_optimizer.step()
+        self.pruning_step = t
+        if update and not pruned:
+            self._prune(sparsity)
         return loss
 
+    # ------------------------------------------------------------ plain pruning
     @torch.no_grad()
     def _prune(self, sparsity: float) -> None:
         prunable = self._prunable()
+        sets = [prunable] if self.scope == "global" else [[item] for item in prunable]
+        kernels = self._kernels()
+        for items in sets:
+            if not (kernels is not None and self._fast_prune(kernels, items, sparsity)):
+                self._prune_plain(items, sparsity)
+
+    def _prune_plain(self, items: list[tuple[torch.Tensor, dict]], sparsity: float) -> None:
+        """Exactly round(s * N) lowest scores of ``items`` (one ranking) pruned."""
         scores = []
-        for p, group in prunable:
+        for p, group in items:
             state = self.state[p] if p in self.state else {}
             if "exp_avg" in state:
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -206,11 +281,222 @@ class AdamWPrune(torch.optim.Optimizer):
             score = self.importance.fn(p, exp_avg, exp_avg_sq, group["eps"])
             score.masked_fill_(self.pruned_entries(p), float("-inf"))
             scores.append(score)
-        masks = prune_masks(scores, sparsity, self.scope)
+        masks = prune_masks(scores, sparsity, "global")
         del scores
-        for (p, _), mask in zip(prunable, masks):
+        for (p, _), mask in zip(items, masks):
             p.masked_fill_(mask, 0)
             zero_optimizer_state(self, p, mask)
+
+    # --------------------------------------------------------------- fast path
+    def _kernels(self) -> Optional[cpu_kernels.Kernels]:
+        """The CPU kernels if this optimizer should use them (see ``fast``)."""
+        if self.fast is False:
+            return None
+        if self.fast is None:
+            sizes = tuple(len(g["params"]) for g in self.param_groups)
+            if self._numel_cache[0] != sizes:
+                numel = sum(p.numel() for g in self.param_groups for p in g["params"])
+                self._numel_cache = (sizes, numel)
+            if self._numel_cache[1] < FAST_MIN_NUMEL:
+                return None
+        kernels = cpu_kernels.load()
+        if kernels is not None and self.fast_compile_seconds is None:
+            self.fast_compile_seconds = kernels.compile_seconds
+        elif kernels is None and not self._fast_warned:
+            self._fast_warned = True
+            warnings.warn(f"AdamWPrune runs its plain path: the CPU kernels cannot be built "
+                          f"({cpu_kernels.load_error()})", RuntimeWarning, stacklevel=3)
+        return kernels
+
+    def _fast_step_ok(self) -> bool:
+        base = self.base_optimizer
+        if not self._fast_cpu_kernel or getattr(base, "max_grad_norm", 0.0) > 0:
+            return False
+        # Hooks on the base would expect its own step() (and the gradient zeroed in memory).
+        return not (base._optimizer_step_pre_hooks or base._optimizer_step_post_hooks
+                    or torch_optimizer._global_optimizer_pre_hooks
+                    or torch_optimizer._global_optimizer_post_hooks)
+
+    def _fast_step(self, in_force: bool, sparsity: Optional[float]) -> tuple[bool, bool]:
+        """The masked base step through the fused kernel and, on an update step
+        (``sparsity`` given), the pruning fused into it where possible. Returns
+        (stepped, pruned); (False, False) where the plain path must take the step
+        (nothing has been changed then)."""
+        kernels = self._kernels()
+        if kernels is None or not self._fast_step_ok():
+            return False, False
+        work = self._fast_step_work(in_force)
+        if work is None:
+            return False, False
+        hyper = array("d")
+        for group in self.param_groups:
+            hyper.extend((group["lr"], *group["betas"], group["eps"], group["weight_decay"]))
+        fused = self._fused_prune_plan(work) if sparsity is not None else None
+        pruned = False
+        for dtype, (ptrs, numel, group_of, flags, _) in work.items():
+            if fused is not None and fused["dtype"] == dtype:
+                pruned = self._fused_step_prune(kernels, work[dtype], hyper, fused, sparsity)
+            else:
+                kernels.adam_step(dtype, ptrs, numel, hyper, group_of, flags)
+        return True, pruned
+
+    def _fast_step_work(self, in_force: bool) -> Optional[dict]:
+        """Per dtype: pointer, size, group and flag arrays for the kernel and the
+        parameters; None if some tensor or group is unsupported. Missing state is
+        initialised as the base would. What only changes with the parameter or its
+        state is kept per parameter (``_fast_rows``) and revalidated by identity and
+        address, so a step costs the base's Python time, not more."""
+        work: dict = {}
+        rows = self._fast_rows
+        for index, group in enumerate(self.param_groups):
+            if not _fast_group_ok(group):
+                return None
+            flags = ((cpu_kernels.MASKED if in_force and group["prune"] else 0)
+                     | (cpu_kernels.AMSGRAD if group["amsgrad"] else 0)
+                     | (0 if group["decoupled_weight_decay"] else cpu_kernels.COUPLED)
+                     | (cpu_kernels.MAXIMIZE if group["maximize"] else 0))
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                state = self.state[p]
+                row = rows.get(p)
+                if row is None or row[0] is not state or row[1] != _state_pointers(p, state, group):
+                    row = rows[p] = _fast_row(p, state, group)
+                    if row is None:
+                        return None
+                _, (w, m, v, vmax, step), dtype, shape, numel, step_flag = row
+                if not (grad.layout is torch.strided and grad.dtype is dtype and grad.shape == shape
+                        and grad.is_contiguous()):
+                    return None
+                ptrs, sizes, group_of, flag_list, params = work.setdefault(
+                    dtype, (array("q"), array("q"), array("i"), array("i"), []))
+                ptrs.extend((w, grad.data_ptr(), m, v, vmax, step))
+                sizes.append(numel)
+                group_of.append(index)
+                flag_list.append(flags | step_flag)
+                params.append(p)
+        return work
+
+    def _fused_prune_plan(self, work: dict) -> Optional[dict]:
+        """What the fused step-and-prune needs, or None where it cannot run: global
+        scope, a score the kernel knows, every prunable tensor in this step's work (one
+        dtype) with only Adam's state keys."""
+        variant = FAST_SCORES.get(self.importance.fn)
+        prunable = [p for p, _ in self._prunable()]
+        dtypes = {p.dtype for p in prunable}
+        if variant is None or self.scope != "global" or len(dtypes) != 1:
+            return None
+        (dtype,) = dtypes
+        params = work.get(dtype, (None,) * 5)[4] or []
+        ordinal = {id(p): i for i, p in enumerate(prunable)}
+        if sum(id(p) in ordinal for p in params) != len(prunable) or any(
+                not set(self.state[p]) <= _ADAM_STATE_KEYS for p in prunable):
+            return None
+        return {"dtype": dtype, "variant": variant, "prunable": prunable,
+                "ordinal": array("q", [ordinal.get(id(p), -1) for p in params])}
+
+    def _fused_step_prune(self, kernels: cpu_kernels.Kernels, work: tuple, hyper: array,
+                          plan: dict, sparsity: float) -> bool:
+        """The step of ``work`` with the mask update fused in (see cpu_kernels). True
+        if it pruned; False after a plain step (the caller then prunes stand-alone)."""
+        ptrs, numel, group_of, flags, _ = work
+        dtype, variant, prunable, ordinal = (plan[key] for key in ("dtype", "variant", "prunable",
+                                                                   "ordinal"))
+        total = sum(p.numel() for p in prunable)
+        k = num_to_prune(sparsity, total)
+        rows = [i for i, o in enumerate(ordinal) if o >= 0]
+        sample_args = (array("q", [x for i in rows for x in ptrs[6 * i:6 * i + 6]]),
+                       array("q", [numel[i] for i in rows]), hyper,
+                       array("i", [group_of[i] for i in rows]),
+                       array("i", [flags[i] for i in rows]))
+        bracket = _fused_bracket(kernels, dtype, sample_args, variant, total, k)
+        if bracket is None:
+            kernels.adam_step(dtype, ptrs, numel, hyper, group_of, flags)
+            return False
+        lo, hi, cap_undo, cap_cand = bracket
+        undo = torch.empty(cap_undo * kernels.undo_bytes(dtype), dtype=torch.uint8)
+        cand = torch.empty(cap_cand * 16, dtype=torch.uint8)
+        marked = array("i", [f | (cpu_kernels.PRUNABLE if o >= 0 else 0)
+                             for f, o in zip(flags, ordinal)])
+        n_pruned, n_undo, n_cand, overflow, stored = kernels.adam_step_prune(
+            dtype, ptrs, numel, hyper, group_of, marked, ordinal, variant, lo, hi, undo, cap_undo,
+            cand, cap_cand)
+        pptrs = array("q")
+        for p in prunable:
+            state = self.state[p]
+            vmax = state.get("max_exp_avg_sq")
+            pptrs.extend((p.data_ptr(), state["exp_avg"].data_ptr(),
+                           state["exp_avg_sq"].data_ptr(), 0 if vmax is None else vmax.data_ptr()))
+        todo = k - n_pruned
+        r = todo - n_undo
+        exact = not overflow and (n_undo == 0 if todo <= 0 else 0 <= r <= n_cand)
+        if exact and (r <= 0 or kernels.prune_finish(dtype, pptrs, cand, n_cand, r, lo, hi,
+                                                     undo, 0, False)):
+            return True
+        kernels.prune_finish(dtype, pptrs, cand, 0, 0, lo, hi, undo, stored, True)
+        return False
+
+    def _fast_prune(self, kernels: cpu_kernels.Kernels, items: list[tuple[torch.Tensor, dict]],
+                    sparsity: float) -> bool:
+        """Exact top-k pruning of ``items`` (one ranking) in two passes (histogram of
+        the score keys, then zeroing); False (nothing changed) where the plain path
+        must do it (an unknown score, mixed dtypes, massive exact ties)."""
+        variant = FAST_SCORES.get(self.importance.fn)
+        dtypes = {p.dtype for p, _ in items}
+        if variant is None or len(dtypes) != 1:
+            return False
+        (dtype,) = dtypes
+        ptrs, numel, eps, offsets = array("q"), array("q"), array("d"), array("q")
+        total = 0
+        for p, group in items:
+            row = self._fast_prune_pointers(p)
+            if row is None:
+                return False
+            ptrs.extend(row)
+            numel.append(p.numel())
+            eps.append(group["eps"])
+            offsets.append(total)
+            total += p.numel()
+        k = num_to_prune(sparsity, total)
+        args = (dtype, ptrs, numel, eps, offsets, variant)
+        if k >= total:  # everything: no ranking (as prune_masks)
+            kernels.prune_apply(*args, cpu_kernels.NBINS, 0, 0)
+            return True
+        hist = kernels.prune_hist(dtype, ptrs, numel, eps, variant)
+        todo = k - int(hist[0])  # hist[0]: already pruned, the lowest scores (-inf)
+        if todo <= 0:
+            return True
+        below = hist[1:].cumsum(0)
+        bin_ = int(torch.searchsorted(below, todo)) + 1
+        if bin_ == cpu_kernels.NBINS - 1:  # only NaN keys live in the top bin
+            raise ValueError("pruning scores contain NaN where the k-th smallest lies; "
+                             "the run has diverged (check lr and loss)")
+        ncand = int(hist[bin_])
+        if ncand > max(FAST_MAX_CANDIDATES, total // 64):
+            return False
+        r = todo - (int(below[bin_ - 2]) if bin_ > 1 else 0)
+        kernels.prune_apply(*args, bin_, ncand, r)
+        return True
+
+    def _fast_prune_pointers(self, p: torch.Tensor) -> Optional[list[int]]:
+        """[w, m, v, 3 more state tensors to zero] pointers (0 = none), or None."""
+        if not (p.device.type == "cpu" and p.dtype in _FAST_DTYPES and p.is_contiguous()):
+            return None
+        state = self.state[p] if p in self.state else {}
+        same = {key: value for key, value in state.items()
+                if torch.is_tensor(value) and value.shape == p.shape}
+        if not all(_fast_state_ok(p, value) for value in same.values()):
+            return None
+        if ("exp_avg" in state) != ("exp_avg_sq" in state):
+            return None
+        first = [state["exp_avg"], state["exp_avg_sq"]] if "exp_avg" in state else []
+        rest = [value for key, value in same.items() if key not in ("exp_avg", "exp_avg_sq")]
+        if len(rest) > 3 or (first and any(t.shape != p.shape for t in first)):
+            return None
+        row = [p.data_ptr()] + [t.data_ptr() for t in first] + [0, 0] * (not first)
+        row += [t.data_ptr() for t in rest]
+        return row + [0] * (cpu_kernels.PTRS_PER_TENSOR - len(row))
 
     def state_dict(self) -> dict[str, Any]:
         state = self.base_optimizer.state_dict()
@@ -228,3 +514,86 @@ class AdamWPrune(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.pruning_step = int(pruning["step"])
+        self._fast_rows = {}
+
+
+def _fast_group_ok(group: dict) -> bool:
+    """Hyper-parameters the kernel takes as plain numbers, and no autograd/capture."""
+    numbers = (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+    return (not group.get("capturable") and not group.get("differentiable")
+            and all(isinstance(x, float | int) and not isinstance(x, bool) for x in numbers))
+
+
+def _state_pointers(p: torch.Tensor, state: dict, group: dict) -> Optional[tuple]:
+    """Addresses of w, m, v, v_max (0 without AMSGrad) and step; None if one is missing."""
+    m, v, step = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("step")
+    vmax = state.get("max_exp_avg_sq") if group["amsgrad"] else None
+    if m is None or v is None or not torch.is_tensor(step) or (group["amsgrad"] and vmax is None):
+        return None
+    return (p.data_ptr(), m.data_ptr(), v.data_ptr(), 0 if vmax is None else vmax.data_ptr(),
+            step.data_ptr())
+
+
+def _fast_row(p: torch.Tensor, state: dict, group: dict) -> Optional[tuple]:
+    """(state, addresses, dtype, shape, numel, step flag) of a parameter the kernel can
+    update, initialising its state if empty; None if it cannot."""
+    if not (p.device.type == "cpu" and p.dtype in _FAST_DTYPES and p.is_contiguous()):
+        return None
+    if not state:
+        _init_adam_state(state, p, group)
+    vmax = state.get("max_exp_avg_sq") if group["amsgrad"] else None
+    step = state.get("step")
+    if (not torch.is_tensor(step) or step.dtype not in _FAST_DTYPES or step.numel() != 1
+            or step.device.type != "cpu" or (group["amsgrad"] and vmax is None)
+            or not all(_fast_state_ok(p, state.get(k)) for k in ("exp_avg", "exp_avg_sq"))
+            or (vmax is not None and not _fast_state_ok(p, vmax))):
+        return None
+    step_flag = cpu_kernels.STEP_F64 if step.dtype == torch.float64 else 0
+    return state, _state_pointers(p, state, group), p.dtype, p.shape, p.numel(), step_flag
+
+
+def _fast_state_ok(p: torch.Tensor, value: Optional[torch.Tensor]) -> bool:
+    return (torch.is_tensor(value) and value.dtype == p.dtype and value.shape == p.shape
+            and value.device == p.device and value.is_contiguous())
+
+
+def _init_adam_state(state: dict, p: torch.Tensor, group: dict) -> None:
+    """What torch.optim.Adam(W)'s _init_group creates for a parameter's first step."""
+    fused_or_capturable = bool(group.get("fused") or group.get("capturable"))
+    dtype = torch_optimizer._get_scalar_dtype(is_fused=group.get("fused"))
+    state["step"] = (torch.zeros((), dtype=dtype, device=p.device) if fused_or_capturable
+                     else torch.tensor(0.0, dtype=dtype))
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if group["amsgrad"]:
+        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _fused_bracket(kernels: cpu_kernels.Kernels, dtype: torch.dtype, sample_args: tuple,
+                   variant: int, total: int, k: int) -> Optional[tuple[int, int, int, int]]:
+    """(lo, hi, undo capacity, candidate capacity) for adam_step_prune, or None when
+    the fused update should not be tried (all entries, or a jump too large to undo).
+
+    The scores the step is about to produce are sampled at 2^8 to 2^12 runs of 16
+    entries (1/256 of the entries, at most 65,536); [lo, hi) is the sample rank of
+    the k-th +- 5 binomial standard deviations. A miss costs time (the stand-alone
+    update runs after a restore), never exactness. The sizes balance the sample's
+    cost against the candidates' (both are a few random accesses per entry).
+    """
+    if k >= total:
+        return None
+    keys, zeros = kernels.adam_sample(dtype, *sample_args, variant, total,
+                                      min(1 << 12, max(1 << 8, total // 4096)))
+    n = len(keys)
+    q = k / total
+    spread = 5.0 * (n * q * (1.0 - q)) ** 0.5 + 16
+    first, last = int(q * n - spread), int(q * n + spread) + 1
+    key_max = (1 << 64) - 1 if dtype == torch.float64 else 1 << 32
+    lo = max(kernels.kth(keys, first), 1) if first >= 0 else 1
+    hi = min(kernels.kth(keys, last) + 1, key_max) if last < n else key_max
+    hi = max(hi, lo + 1)
+    below = max(0, first - zeros) / n * total
+    inside = (min(last, n) - max(first, zeros, 0)) / n * total
+    if below > max(1 << 16, total // 8):  # the undo log would take more than 3 B/entry
+        return None
+    return lo, hi, int(1.25 * below) + (1 << 12), int(1.5 * inside) + (1 << 12)
