@@ -1,10 +1,8 @@
 """StatePruner: AdamWPrune seen through the pruner interface."""
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
-from torch import nn
 
 from adamwprune.pruning.base import Pruner
 
@@ -19,13 +17,6 @@ class StatePruner(Pruner):
     the optimizer's ``"prune"`` groups must hold exactly the prunable weights.
     The optimizer may be given here or later through :meth:`attach`.
     """
-
-    def __init__(self, model: nn.Module, target_sparsity: float, start_step: int,
-                 end_step: int, interval: int, schedule: str = "cubic",
-                 scope: str = "global", prune_embeddings: bool = False,
-                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-        super().__init__(model, target_sparsity, start_step, end_step, interval, schedule,
-                         scope, prune_embeddings, optimizer)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         # Imported here: adamwprune.optim.adamwprune imports this package.
