@@ -1,7 +1,6 @@
 """StatePruner: AdamWPrune seen through the pruner interface."""
 from __future__ import annotations
 
-
 import torch
 
 from adamwprune.pruning.base import Pruner
