@@ -10,6 +10,7 @@ from adamwprune.optim.adamwprune import BASES, AdamWPrune
 from adamwprune.optim.importance import IMPORTANCE, get_importance
 from adamwprune.params import param_groups
 from adamwprune.pruning import sparsity_at
+from helpers import Tiny
 
 START, END, INTERVAL, TARGET = 10, 60, 10, 0.7
 # Short SPAM periods so resets, warm-up and clipping all happen within a test.
@@ -17,16 +18,6 @@ BASE_KWARGS = {
     "adamw": {}, "adam": {}, "adamwadv": {},
     "adamwspam": {"reset_interval": 40, "warmup_steps": 10, "clip_delay": 5, "theta": 50.0},
 }
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc = nn.Linear(64, 5)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
 def make_model(seed=0, dtype=torch.float32):

@@ -14,6 +14,7 @@ from adamwprune import config as C
 from adamwprune.cli import load_task
 from adamwprune.config import ROOT
 from adamwprune.engine import Trainer
+from helpers import cli, write_config
 
 TINY = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "128", "BATCH_SIZE": "16",
         "DEVICE": "cpu", "TRAIN_EVAL_INTERVAL": "8", "RUN_MONITOR_INTERVAL": "0.05"}
@@ -97,24 +98,14 @@ def test_nan_loss_stops_with_status_diverged(tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "final.json").read_text())["status"] == "diverged"
 
 
-def _cli(*args, cwd=ROOT, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "adamwprune", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, **kw)
-
-
 def _write_config(tmp_path, **extra):
-    kconf = C.load_kconfig()
-    C.apply_overrides(kconf, {**TINY, "OPTIMIZER": "adamw", "PRUNING": "magnitude",
-                              "RUN_RESULTS_DIR": str(tmp_path / "results"), **extra})
-    path = tmp_path / ".config"
-    C.write_config(kconf, path)
-    return path
+    return write_config(tmp_path, {**TINY, "OPTIMIZER": "adamw", "PRUNING": "magnitude",
+                                   "RUN_RESULTS_DIR": str(tmp_path / "results"), **extra})
 
 
 def test_kill_9_then_continue_finishes_the_run_in_place(tmp_path):
     cfg_path = _write_config(tmp_path, MAX_ITERS="240", CHECKPOINT_INTERVAL="20", TRAIN_EVAL_INTERVAL="60")
-    ref = _cli("run", "--config", str(cfg_path), "--run-dir", str(tmp_path / "ref"))
+    ref = cli("run", "--config", str(cfg_path), "--run-dir", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "adamwprune", "run", "--config", str(cfg_path)], cwd=ROOT,
@@ -128,7 +119,7 @@ def test_kill_9_then_continue_finishes_the_run_in_place(tmp_path):
     proc.wait()
     runs = list(results.iterdir())
     assert len(runs) == 1 and not (runs[0] / "final.json").exists()
-    cont = _cli("continue", "--results", str(results))
+    cont = cli("continue", "--results", str(results))
     assert cont.returncode == 0, cont.stderr
     assert "resumed at step" in cont.stdout
     assert list(results.iterdir()) == runs  # same directory, nothing new
@@ -136,13 +127,13 @@ def test_kill_9_then_continue_finishes_the_run_in_place(tmp_path):
     b = json.loads((runs[0] / "final.json").read_text())
     for key in ("best_val_metric", "test_metric_at_best", "final_sparsity", "steps", "best_step"):
         assert a[key] == b[key], key
-    assert _cli("continue", "--results", str(results)).stdout.startswith("nothing to continue")
+    assert cli("continue", "--results", str(results)).stdout.startswith("nothing to continue")
 
 
 def test_evaluate_writes_eval_json(tmp_path):
     cfg = tiny_cfg(OPTIMIZER="adamw", PRUNING="none", MAX_ITERS=8)
     run(cfg, tmp_path / "run")
-    r = _cli("evaluate", "--run", str(tmp_path / "run"))
+    r = cli("evaluate", "--run", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     out = json.loads((tmp_path / "run" / "eval.json").read_text())
     final = json.loads((tmp_path / "run" / "final.json").read_text())
@@ -153,7 +144,7 @@ def test_corrupt_checkpoint_gives_one_clear_line(tmp_path):
     d = tmp_path / "run"
     d.mkdir()
     (d / "best.pt").write_bytes(b"not a checkpoint")
-    r = _cli("evaluate", "--run", str(d))
+    r = cli("evaluate", "--run", str(d))
     assert r.returncode == 2
     assert "corrupt checkpoint" in r.stderr and "delete it" in r.stderr and r.stderr.count("\n") == 1
 

@@ -11,6 +11,7 @@ import pytest
 from adamwprune import config as C
 from adamwprune import matrix
 from adamwprune.config import ROOT
+from helpers import cli, write_config
 
 BASE = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "64", "BATCH_SIZE": "16",
         "DEVICE": "cpu", "MAX_ITERS": "24", "TRAIN_EVAL_INTERVAL": "8", "RUN_MONITOR_INTERVAL": "0.1",
@@ -48,23 +49,14 @@ def test_seed_list_overrides_seed_count():
 
 
 def _config(tmp_path, **sel):
-    kconf = C.load_kconfig()
-    C.apply_overrides(kconf, {**BASE, "RUN_RESULTS_DIR": str(tmp_path / "results"), **sel})
-    path = tmp_path / ".config"
-    C.write_config(kconf, path, defconfig="test-matrix")
-    return path
-
-
-def _cli(*args, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "adamwprune", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, **kw)
+    return write_config(tmp_path, {**BASE, "RUN_RESULTS_DIR": str(tmp_path / "results"), **sel},
+                        defconfig="test-matrix")
 
 
 def test_dry_run_lists_cells_and_runs_nothing(tmp_path):
     path = _config(tmp_path, MATRIX_OPTIMIZER_SGD="y", MATRIX_OPTIMIZER_ADAMW="y", MATRIX_PRUNING_MAGNITUDE="y",
                    MATRIX_PRUNING_NONE="n", MATRIX_SPARSITY_50="y", MATRIX_SPARSITY_70="n", MATRIX_SPARSITY_90="n")
-    r = _cli("dry-run", "--config", str(path))
+    r = cli("dry-run", "--config", str(path))
     assert r.returncode == 0, r.stderr
     assert "lenet5_sgd_magnitude_50_s1" in r.stdout and "lenet5_adamw_magnitude_50_s1" in r.stdout
     assert r.stdout.strip().endswith("2 cells")
@@ -73,15 +65,12 @@ def test_dry_run_lists_cells_and_runs_nothing(tmp_path):
 
 def test_failing_cell_is_recorded_and_the_matrix_goes_on_with_two_jobs(tmp_path):
     # ResNet-18 on CIFAR-10 from an empty DATA_DIR fails at once; LeNet-5 on synthetic data runs.
-    kconf = C.load_kconfig()
-    C.apply_overrides(kconf, {**{k: v for k, v in BASE.items() if k not in ("DATASET", "DATA_SYNTHETIC_SIZE")},
-                              "RUN_RESULTS_DIR": str(tmp_path / "results"), "MATRIX_MODEL_LENET5": "y",
-                              "MATRIX_MODEL_RESNET18": "y", "MATRIX_OPTIMIZER_ADAMW": "y",
-                              "MATRIX_PRUNING_NONE": "y", "DATA_DIR": str(tmp_path / "empty"),
-                              "DATA_DOWNLOAD": "n", "MAX_ITERS": "4", "MATRIX_JOBS": "2"})
-    path = tmp_path / ".config"
-    C.write_config(kconf, path, defconfig="fail-test")
-    r = _cli("run", "--config", str(path))
+    path = write_config(tmp_path, {
+        **{k: v for k, v in BASE.items() if k not in ("DATASET", "DATA_SYNTHETIC_SIZE")},
+        "RUN_RESULTS_DIR": str(tmp_path / "results"), "MATRIX_MODEL_LENET5": "y", "MATRIX_MODEL_RESNET18": "y",
+        "MATRIX_OPTIMIZER_ADAMW": "y", "MATRIX_PRUNING_NONE": "y", "DATA_DIR": str(tmp_path / "empty"),
+        "DATA_DOWNLOAD": "n", "MAX_ITERS": "4", "MATRIX_JOBS": "2"}, defconfig="fail-test")
+    r = cli("run", "--config", str(path))
     assert r.returncode == 1
     assert "1 of 2 cells failed" in r.stdout
     (mdir,) = (tmp_path / "results").iterdir()
@@ -111,7 +100,7 @@ SMALL = dict(MATRIX_OPTIMIZER_ADAMW="y", MATRIX_OPTIMIZER_ADAMWPRUNE="y", MATRIX
 def test_kill_9_then_continue_equals_an_uninterrupted_matrix(tmp_path):
     (tmp_path / "ref").mkdir()
     ref_path = _config(tmp_path / "ref", **SMALL)
-    r = _cli("run", "--config", str(ref_path))
+    r = cli("run", "--config", str(ref_path))
     assert r.returncode == 0, r.stdout + r.stderr
     (ref_dir,) = (tmp_path / "ref" / "results").iterdir()
 
@@ -132,12 +121,12 @@ def test_kill_9_then_continue_equals_an_uninterrupted_matrix(tmp_path):
     proc.wait()
     time.sleep(0.5)  # the cell process dies with its parent
     (mdir,) = results.iterdir()
-    st = _cli("status", "--dir", str(mdir))
+    st = cli("status", "--dir", str(mdir))
     assert "interrupted" in st.stdout, st.stdout
-    cont = _cli("continue", "--results", str(results))
+    cont = cli("continue", "--results", str(results))
     assert cont.returncode == 0, cont.stdout + cont.stderr
     assert "resuming from last.pt" in cont.stdout
     assert _final_metrics(mdir) == _final_metrics(ref_dir)
     assert sorted(p.name for p in mdir.iterdir() if p.is_dir()) == sorted(
         p.name for p in ref_dir.iterdir() if p.is_dir())
-    assert _cli("continue", "--results", str(results)).stdout.startswith("nothing to continue")
+    assert cli("continue", "--results", str(results)).stdout.startswith("nothing to continue")

@@ -11,18 +11,9 @@ from adamwprune.params import param_groups
 from adamwprune.pruning import (MagnitudePruner, MovementPruner, NoPruner, StatePruner,
                                 export_state_dict, measure_sparsity, sparsity_at,
                                 zero_optimizer_state)
+from helpers import Tiny
 
 START, END, INTERVAL, TARGET = 10, 60, 10, 0.7
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc = nn.Linear(64, 5)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
 def batch(step):
