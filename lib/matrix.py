@@ -63,13 +63,14 @@ def matrix_axes(cfg) -> dict:
 
 
 def _valid(optimizer: str, pruning: str) -> bool:
-    from .registry import PRUNERS
+    """A cell is valid when the pruner accepts the optimizer and an optimizer that prunes
+    by itself is not paired with a second, external pruner (it would be AdamW plus one)."""
+    from .registry import OPTIMIZERS, PRUNERS
 
     need = PRUNERS[pruning].requires_optimizer
     if need is not None:
         return optimizer in need
-    # AdamWPrune prunes itself; next to magnitude or movement it would be AdamW with an extra pruner.
-    return not (optimizer == "adamwprune" and pruning != "none")
+    return not (OPTIMIZERS[optimizer].prunes_itself and PRUNERS[pruning].prunes)
 
 
 def expand(cfg) -> list[Cell]:

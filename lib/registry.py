@@ -32,6 +32,8 @@ class OptimInfo:
     name: str
     build: Callable[[list, Any, PruneSchedule], torch.optim.Optimizer]
     summary: str
+    # True when the optimizer prunes by itself (paired with the "state" pruner or none).
+    prunes_itself: bool = False
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class PrunerInfo:
     optimizer_prunes: bool = False
     # Optimizers this pruner works with (None = any).
     requires_optimizer: Optional[tuple[str, ...]] = None
+    # False for the null pruner (dense training).
+    prunes: bool = True
 
 
 def _fast(groups: list) -> dict:
@@ -112,7 +116,7 @@ OPTIMIZERS: dict[str, OptimInfo] = {
     "adamw": OptimInfo("adamw", _adamw, "torch.optim.AdamW (decoupled decay)"),
     "adamwadv": OptimInfo("adamwadv", _adamwadv, "AdamW + AMSGrad + cosine lr + clipping"),
     "adamwspam": OptimInfo("adamwspam", _adamwspam, "SPAM (Huang et al., ICLR 2025)"),
-    "adamwprune": OptimInfo("adamwprune", _adamwprune, "prunes from its own Adam state"),
+    "adamwprune": OptimInfo("adamwprune", _adamwprune, "prunes from its own Adam state", prunes_itself=True),
 }
 
 
@@ -144,7 +148,7 @@ def _state(model, optimizer, s: PruneSchedule):
 
 
 PRUNERS: dict[str, PrunerInfo] = {
-    "none": PrunerInfo("none", _none, "dense training"),
+    "none": PrunerInfo("none", _none, "dense training", prunes=False),
     "magnitude": PrunerInfo("magnitude", _magnitude, "|w|, monotone masks"),
     "movement": PrunerInfo("movement", _movement, "Sanh et al. hard movement, scores in fp32"),
     "state": PrunerInfo("state", _state, "AdamWPrune prunes from its own state",
