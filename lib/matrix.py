@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import psutil
+
 from .config import ROOT, SHORTHANDS, load, minimal_text
 from .rundir import read_json, run_name, write_json_atomic
 
@@ -176,13 +178,14 @@ def cell_state(cell_dir: Path) -> str:
 
 
 def _alive(pid: Optional[int]) -> bool:
+    """Whether the process runs; a zombie (killed, not yet reaped: its parent died
+    too) does not."""
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return True
 
 
 def progress_of(cell_dir: Path) -> str:

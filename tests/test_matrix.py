@@ -130,3 +130,17 @@ def test_kill_9_then_continue_equals_an_uninterrupted_matrix(tmp_path):
     assert sorted(p.name for p in mdir.iterdir() if p.is_dir()) == sorted(
         p.name for p in ref_dir.iterdir() if p.is_dir())
     assert cli("continue", "--results", str(results)).stdout.startswith("nothing to continue")
+
+
+def test_a_killed_unreaped_cell_does_not_count_as_running():
+    # A cell whose runner was killed dies too, but stays a zombie until someone reaps it.
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline and open(f"/proc/{child.pid}/stat").read().split()[2] != "Z":
+        time.sleep(0.01)
+    try:
+        assert not matrix._alive(child.pid)
+    finally:
+        child.wait()
+    assert matrix._alive(os.getpid())
+    assert not matrix._alive(child.pid) and not matrix._alive(None)
