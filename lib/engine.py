@@ -35,6 +35,51 @@ class DivergedError(RuntimeError):
     pass
 
 
+class LossReadback:
+    """The training loss, read on the host one step late.
+
+    Reading a GPU loss with ``.item()`` right after backward makes the host wait
+    for the device before it may queue the optimizer step and the next batch, and
+    short steps then leave the device idle between launches. Instead each step's
+    loss is copied to pinned host memory asynchronously (an event marks the copy)
+    and checked at the next step, after that step's forward and backward are
+    queued; the engine also reads it before anything that needs it (an
+    evaluation row, the progress line, a checkpoint). On the CPU the copy is the
+    tensor itself. A non-finite loss raises :class:`DivergedError` naming its step.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.value: Optional[float] = None  # the newest loss read
+        self._pending: Optional[tuple[int, torch.Tensor, Any]] = None
+        self._host: Optional[torch.Tensor] = None
+
+    def put(self, step: int, loss: torch.Tensor) -> None:
+        """Queue step ``step``'s loss (a 0-dim tensor); the previous one must have been read."""
+        assert self._pending is None, "the previous loss was not read"
+        event = None
+        if loss.device.type == "cuda":
+            if self._host is None:
+                self._host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            self._host.copy_(loss.detach(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            loss = self._host
+        self._pending = (step, loss, event)
+
+    def read(self) -> Optional[float]:
+        """The newest loss (waits only for its own copy); raises on NaN/inf."""
+        if self._pending is not None:
+            step, loss, event = self._pending
+            self._pending = None
+            if event is not None:
+                event.synchronize()
+            self.value = float(loss)
+            if not math.isfinite(self.value):
+                raise DivergedError(f"loss is {self.value} at step {step}")
+        return self.value
+
+
 # ------------------------------------------------------------------ set-up
 def select_device(choice: str, dist: DistContext) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
@@ -171,6 +216,7 @@ class Trainer:
                     if cfg.amp and self.device.type == "cuda" else contextlib.nullcontext())
         self.eval_every = cfg.eval_interval or self.budget.steps_per_epoch
         self.step, self.best = 0, Best()
+        self.loss = LossReadback(self.device)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.compile:
@@ -254,7 +300,8 @@ class Trainer:
         c = self.cfg
         return lr_at(self.step, self.total_steps, c.lr, c.lr_schedule, c.warmup_steps, c.min_lr_ratio)
 
-    def train_step(self) -> float:
+    def train_step(self) -> None:
+        """One optimizer step; its loss is read later (``self.loss.read()``)."""
         cfg, model = self.cfg, self.train_model
         lr = self._lr()
         for g in self.optimizer.param_groups:
@@ -272,18 +319,22 @@ class Trainer:
                                                   yb.to(self.device, non_blocking=True)))
                 (loss / len(micro)).backward()
             total += loss.detach()
-        # The mean over ranks: what one process with the same global batch would see,
-        # and a NaN on any rank stops every rank.
-        loss_value = self.dist.mean(total).item() / len(micro)
-        if not math.isfinite(loss_value):
-            raise DivergedError(f"loss is {loss_value} at step {self.step + 1}")
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.pruner.step()
+        # The previous step's loss, now that this step's work is queued (a NaN stops
+        # the run before this step's update); then this step's, read next time. The
+        # mean over ranks: what one process with the same global batch would see, and
+        # a NaN on any rank stops every rank.
+        self.loss.read()
+        self.loss.put(self.step + 1, self.dist.mean(total) / len(micro))
+        try:
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.pruner.step()
+        except Exception:
+            self.loss.read()  # a NaN loss behind the failure: DivergedError, not a crash
+            raise
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_value
 
     # -- evaluation
     @torch.no_grad()
@@ -361,27 +412,33 @@ class Trainer:
             self.run.truncate_metrics(0)  # rows of an attempt that died before its first checkpoint
         # torch.compile compiles on the first step: keep that out of the training figures.
         self._set_phase("compile" if self.cfg.compile else "train")
-        status, message, loss = STATUS_COMPLETED, None, None
+        status, message = STATUS_COMPLETED, None
         self._train_time, self._steps_run = 0.0, 0
         try:
             while self.step < self.total_steps:
                 t = time.perf_counter()
-                loss = self.train_step()
+                self.train_step()
                 if self._phase == "compile":  # the compiling step is not a training step's time
+                    self.loss.read()  # waits for the device: compilation ends here
                     self._set_phase("train")
                 else:
                     self._train_time += time.perf_counter() - t
                     self._steps_run += 1
                 due_eval = self.step % self.eval_every == 0 or self.step == self.total_steps
+                due_save = self.step % self.cfg.checkpoint_interval == 0
+                due_line = self.step % progress.every == 0
+                # The loss is read (a device synchronisation) only where something needs
+                # it; a NaN is caught before any checkpoint could hold its step.
+                loss = self.loss.read() if due_eval or due_save or due_line else None
                 metric = {}
                 if due_eval:
                     row = self._eval_and_log(loss, started)
                     self.save_last()
                     metric = {"metric": row["val_metric"], "metric_name": self.task.metric_name}
-                elif self.step % self.cfg.checkpoint_interval == 0:
+                elif due_save:
                     self.save_last()
                 progress.update(self.step, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
-                                sparsity=self.sparsity() if due_eval or self.step % progress.every == 0 else None,
+                                sparsity=self.sparsity() if due_eval or due_line else None,
                                 **metric)
         except DivergedError as exc:
             status, message = STATUS_DIVERGED, f"training diverged: {exc}; lower LR= or enable TRAIN_GRAD_CLIP"

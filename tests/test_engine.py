@@ -89,6 +89,72 @@ def test_resume_from_last_pt_is_bit_identical(tmp_path, monkeypatch, optimizer, 
     assert strip(tmp_path / "cut" / "metrics.jsonl") == strip(tmp_path / "ref" / "metrics.jsonl")
 
 
+class _NanFromStep:
+    """A task whose loss is NaN from a given step on (counted in loss calls)."""
+
+    def __init__(self, task, first_bad: int):
+        self._task, self.first_bad, self.calls = task, first_bad, 0
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+    def loss(self, model, batch):
+        self.calls += 1
+        loss = self._task.loss(model, batch)
+        return loss * float("nan") if self.calls >= self.first_bad else loss
+
+
+@pytest.mark.parametrize("optimizer,pruning", [("sgd", "magnitude"), ("adamwprune", "state")])
+def test_nan_loss_is_reported_at_its_step_and_never_checkpointed(tmp_path, optimizer, pruning):
+    # The loss is read one step late (no device sync per step); the NaN must still be
+    # named at its own step, stop the run before the next update, and no checkpoint
+    # or metrics row may come from a step at or after it. Step 8 is also a mask update.
+    cfg = tiny_cfg(OPTIMIZER=optimizer, PRUNING=pruning, PRUNING_INTERVAL=4, MAX_ITERS=40,
+                   CHECKPOINT_INTERVAL=2, TRAIN_EVAL_INTERVAL=4)
+    trainer = Trainer(_NanFromStep(load_task(cfg.model), 8), cfg, tmp_path / "run", config_text="")
+    final = trainer.fit()
+    assert final["status"] == "diverged"
+    assert "loss is nan at step 8" in final["message"], final["message"]
+    assert final["steps"] == 8  # step 8's update ran; step 9's did not
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 6
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4] and all(r["train_loss"] == r["train_loss"] for r in rows)
+
+
+def test_an_optimizer_error_on_a_nan_step_is_divergence_not_a_crash(tmp_path, monkeypatch):
+    # The NaN step's update runs before its loss is read; an update that fails on NaN
+    # scores (as AdamWPrune's mask selection does) must end as "diverged".
+    from adamwprune.optim import AdamWPrune
+
+    original = AdamWPrune.step
+
+    def strict_step(self, closure=None):
+        if any(torch.isnan(p.grad).any() for g in self.param_groups for p in g["params"]
+               if p.grad is not None):
+            raise ValueError("pruning scores contain NaN")
+        return original(self, closure)
+
+    monkeypatch.setattr(AdamWPrune, "step", strict_step)
+    cfg = tiny_cfg(OPTIMIZER="adamwprune", PRUNING="state", MAX_ITERS=40)
+    trainer = Trainer(_NanFromStep(load_task(cfg.model), 5), cfg, tmp_path / "run", config_text="")
+    final = trainer.fit()
+    assert final["status"] == "diverged" and "loss is nan at step 5" in final["message"]
+    assert final["steps"] == 4
+
+
+def test_loss_readback_reads_the_queued_loss_once_and_names_the_step():
+    from adamwprune.engine import DivergedError, LossReadback
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lb = LossReadback(device)
+    assert lb.read() is None
+    lb.put(1, torch.tensor(2.5, device=device))
+    assert lb.read() == 2.5 and lb.read() == 2.5
+    lb.put(2, torch.tensor(float("inf"), device=device))
+    with pytest.raises(DivergedError, match="loss is inf at step 2"):
+        lb.read()
+
+
 def test_nan_loss_stops_with_status_diverged(tmp_path, capsys):
     cfg = tiny_cfg(OPTIMIZER="sgd", PRUNING="none", LR="90", MAX_ITERS=300)
     _, final = run(cfg, tmp_path / "run")
