@@ -1,0 +1,77 @@
+"""Where AdamWPrune's fused CPU mask update spends its time, on real shapes.
+
+    .venv/bin/python scripts/cpu_update_breakdown.py [--shapes resnet18|gpt2|gpt2-mini]
+
+Runs the benchmark's ramp (cubic to 0.9 over ``RAMP_UPDATES`` updates at the
+default interval) with random gradients and times each call into the CPU
+kernels (``adamwprune.optim.cpu_kernels``): the sample and its k-th keys that
+bracket the threshold, the step with the pruning fused in, and the final
+selection among the candidates. Prints the mean per update step next to the
+plain step's kernel on normal steps, and which path made each update.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+
+from adamwprune.bench import RAMP_UPDATES, TARGET, shape_models
+from adamwprune.optim.adamwprune import AdamWPrune
+from adamwprune.params import param_groups
+
+KERNEL_CALLS = ("adam_sample", "kth", "adam_step_prune", "prune_finish", "adam_step")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="resnet18", choices=sorted(shape_models()))
+    parser.add_argument("--interval", type=int, default=50)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = shape_models()[args.shapes]()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    interval = args.interval
+    opt = AdamWPrune(param_groups(model, 0.1), lr=1e-4, weight_decay=0.1, variant="bitter0",
+                     target_sparsity=TARGET, start_step=0, end_step=interval * RAMP_UPDATES,
+                     interval=interval)
+    opt.pruning_step = 1
+    opt.step()  # allocates the state and builds (or loads) the kernels
+    kernels = opt._kernels()
+    if kernels is None:
+        raise SystemExit("the CPU kernels are not available here (no C compiler?)")
+    seconds: dict[str, float] = collections.defaultdict(float)
+    for name in KERNEL_CALLS:
+        def timed(*a, _call=getattr(kernels, name), _name=name, **k):
+            start = time.perf_counter()
+            try:
+                return _call(*a, **k)
+            finally:
+                seconds[_name] += time.perf_counter() - start
+        object.__setattr__(kernels, name, timed)  # Kernels is a frozen dataclass
+
+    def ramp(offset: int) -> tuple[dict, float]:
+        seconds.clear()
+        total = 0.0
+        for u in range(1, RAMP_UPDATES + 1):
+            opt.pruning_step = u * interval + offset
+            start = time.perf_counter()
+            opt.step()
+            total += time.perf_counter() - start
+        return {k: v / RAMP_UPDATES * 1e3 for k, v in seconds.items()}, total / RAMP_UPDATES * 1e3
+
+    update, update_ms = ramp(-1)   # the step before u * interval: an update step
+    normal, normal_ms = ramp(+1)   # one after: a normal step, masks in force
+    print(f"{args.shapes}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{RAMP_UPDATES} updates, paths {dict(opt.update_paths)}")
+    print(f"  update step {update_ms:.2f} ms: " + ", ".join(f"{k} {v:.2f}" for k, v in update.items()))
+    print(f"  normal step {normal_ms:.2f} ms: " + ", ".join(f"{k} {v:.2f}" for k, v in normal.items()))
+    print(f"  mask update amortised over {interval} steps: "
+          f"{100 * (update_ms - normal_ms) / (interval * normal_ms):.2f} % of the step")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
