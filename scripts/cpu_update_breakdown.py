@@ -1,6 +1,7 @@
 """Where AdamWPrune's fused CPU mask update spends its time, on real shapes.
 
     .venv/bin/python scripts/cpu_update_breakdown.py [--shapes resnet18|gpt2|gpt2-mini]
+                                                     [--sample-scale N]
 
 Runs the benchmark's ramp (cubic to 0.9 over ``RAMP_UPDATES`` updates at the
 default interval) with random gradients and times each call into the CPU
@@ -8,6 +9,8 @@ kernels (``adamwprune.optim.cpu_kernels``): the sample and its k-th keys that
 bracket the threshold, the step with the pruning fused in, and the final
 selection among the candidates. Prints the mean per update step next to the
 plain step's kernel on normal steps, and which path made each update.
+``--sample-scale N`` takes N times the shipped sample (a tighter bracket, fewer
+candidates) to compare the trade-off.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import time
 import torch
 
 from adamwprune.bench import RAMP_UPDATES, TARGET, shape_models
+from adamwprune.optim import adamwprune as awp
 from adamwprune.optim.adamwprune import AdamWPrune
 from adamwprune.params import param_groups
 
@@ -28,7 +32,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="resnet18", choices=sorted(shape_models()))
     parser.add_argument("--interval", type=int, default=50)
+    parser.add_argument("--sample-scale", type=int, default=1)
     args = parser.parse_args()
+    if args.sample_scale != 1:
+        low, high = awp.FUSED_SAMPLE_RUNS
+        awp.FUSED_SAMPLE_RUNS = (low * args.sample_scale, high * args.sample_scale)
+        awp.FUSED_SAMPLE_STRIDE = max(1, awp.FUSED_SAMPLE_STRIDE // args.sample_scale)
     torch.manual_seed(0)
     model = shape_models()[args.shapes]()
     for p in model.parameters():
@@ -65,7 +74,7 @@ def main() -> int:
     update, update_ms = ramp(-1)   # the step before u * interval: an update step
     normal, normal_ms = ramp(+1)   # one after: a normal step, masks in force
     print(f"{args.shapes}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{RAMP_UPDATES} updates, paths {dict(opt.update_paths)}")
+          f"{RAMP_UPDATES} updates, sample x{args.sample_scale}, paths {dict(opt.update_paths)}")
     print(f"  update step {update_ms:.2f} ms: " + ", ".join(f"{k} {v:.2f}" for k, v in update.items()))
     print(f"  normal step {normal_ms:.2f} ms: " + ", ".join(f"{k} {v:.2f}" for k, v in normal.items()))
     print(f"  mask update amortised over {interval} steps: "

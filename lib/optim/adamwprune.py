@@ -54,6 +54,11 @@ FAST_MIN_NUMEL = 1 << 20
 # Candidates the two-pass mask update collects from the threshold bin at most (x 16 B);
 # more means massive exact ties (e.g. many zero scores): the plain path resolves those.
 FAST_MAX_CANDIDATES = 1 << 22
+# The fused CPU update's sample (see _fused_bracket): runs of 16 entries, one per
+# FUSED_SAMPLE_STRIDE entries, between the two bounds. scripts/cpu_update_breakdown.py
+# --sample-scale compares other sizes.
+FUSED_SAMPLE_RUNS = (1 << 8, 1 << 12)
+FUSED_SAMPLE_STRIDE = 4096
 _FAST_DTYPES = (torch.float32, torch.float64)
 _ADAM_STATE_KEYS = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
 
@@ -972,7 +977,8 @@ def _fused_bracket(kernels: cpu_kernels.Kernels, dtype: torch.dtype, sample_args
     if k >= total:
         return None
     keys, zeros = kernels.adam_sample(dtype, *sample_args, variant, total,
-                                      min(1 << 12, max(1 << 8, total // 4096)))
+                                      min(FUSED_SAMPLE_RUNS[1],
+                                          max(FUSED_SAMPLE_RUNS[0], total // FUSED_SAMPLE_STRIDE)))
     n = len(keys)
     q = k / total
     spread = 5.0 * (n * q * (1.0 - q)) ** 0.5 + 16
