@@ -101,6 +101,9 @@ class Method:
     set_counter: Callable[[int], None]
     hooks: Optional[Callable[[], None]] = None
     every_update: bool = True
+    # Untimed, after each mask update: what training's hooks keep true between updates
+    # (magnitude: masked entries get no gradient, so their weights stay 0).
+    after_update: Optional[Callable[[], None]] = None
     normal: list = field(default_factory=list)
     after: list = field(default_factory=list)
     update: list = field(default_factory=list)
@@ -134,12 +137,23 @@ def build_methods(model: nn.Module, device: torch.device, interval: int,
         pruner = StatePruner(own, TARGET, 0, end, interval, optimizer=opt)
         methods.append(Method(name, opt, pruner, _counter(opt, pruner)))
     for name, cls in (("magnitude", MagnitudePruner), ("movement", MovementPruner)):
-        own = _copy(model)
+        # Magnitude pruning masks its own gradients (its hooks' effect, see after_update).
+        own = _copy(model, share_grads=cls is not MagnitudePruner)
         opt = _fastest_adamw(param_groups(own, 0.1))
         pruner = cls(own, TARGET, 0, end, interval, optimizer=opt)
         methods.append(Method(name, opt, pruner, _counter(None, pruner), _hook_cost(pruner),
-                              every_update=False))
+                              every_update=False,
+                              after_update=_mask_own_gradients(pruner)
+                              if cls is MagnitudePruner else None))
     return methods
+
+
+def _mask_own_gradients(pruner: MagnitudePruner) -> Callable[[], None]:
+    @torch.no_grad()
+    def mask() -> None:
+        for name, _, p in pruner.prunable:
+            p.grad.masked_fill_(pruner.masks[name], 0)
+    return mask
 
 
 def _copy(model: nn.Module, share_grads: bool = True) -> nn.Module:
@@ -207,6 +221,10 @@ def measure_steps(methods: list[Method], device: torch.device, interval: int, re
             elif m.every_update or u % stride == 0 or u == RAMP_UPDATES:
                 m.set_counter(u * interval - 1)
                 m.update.append(_timed(m.step, device))
+            else:
+                continue
+            if m.after_update is not None:
+                m.after_update()
         if u == RAMP_UPDATES // 2:
             for i in range(warmup + repeats):
                 _round(methods, device, u * interval + 1 + i % (interval - 2), "normal")
@@ -281,7 +299,13 @@ def _shape_result(name: str, methods: list[Method], hooks: dict, n_params: int, 
                 ratios[f"{m.name}_with_hooks"] = (normal + hooks[m.name]["median_ms"] / 1e3) / adamw
     result = {"parameters": n_params, "steps": steps, "hooks": hooks, "step_ratio_vs_adamw": ratios,
               "mask_update_fraction": fractions,
-              "extra_state_bytes_per_param": extra_bytes(methods, n_params)}
+              "extra_state_bytes_per_param": extra_bytes(methods, n_params),
+              # What the timed steps did: the sparsity each method reached (zeros of the
+              # effective weights, after the ramp) and which code made AdamWPrune's updates.
+              "sparsity_after_ramp": {m.name: float(m.pruner.current_sparsity())
+                                      for m in methods[1:]},
+              "update_paths": {m.name: dict(m.optimizer.update_paths) for m in methods
+                               if isinstance(m.optimizer, AdamWPrune)}}
     if device.type == "cuda":
         result["achieved_bandwidth_gbps"] = {
             m.name: ADAMW_BYTES_PER_PARAM * n_params / statistics.median(m.normal) / 1e9
@@ -395,6 +419,10 @@ def print_table(result: dict) -> None:
         for method, s in r["hooks"].items():
             print(f"  {method} forward/backward hooks: {_fmt(s)} ms per step -> ratio with hooks "
                   f"{r['step_ratio_vs_adamw'][f'{method}_with_hooks']:.3f}")
+        print(f"  sparsity after the ramp (target {TARGET}): " + ", ".join(
+            f"{k} {v:.4f}" for k, v in r["sparsity_after_ramp"].items())
+              + "; AdamWPrune's updates: " + ", ".join(
+                  f"{k} {dict(v)}" for k, v in r["update_paths"].items()))
         if "achieved_bandwidth_gbps" in r:
             print("  achieved bandwidth (28 B/param): " + ", ".join(
                 f"{k} {v:.0f} GB/s" for k, v in r["achieved_bandwidth_gbps"].items()))
