@@ -138,13 +138,13 @@ def build_methods(model: nn.Module, device: torch.device, interval: int,
         methods.append(Method(name, opt, pruner, _counter(opt, pruner)))
     for name, cls in (("magnitude", MagnitudePruner), ("movement", MovementPruner)):
         # Magnitude pruning masks its own gradients (its hooks' effect, see after_update).
-        own = _copy(model, share_grads=cls is not MagnitudePruner)
+        masks_gradients = cls is MagnitudePruner
+        own = _copy(model, share_grads=not masks_gradients)
         opt = _fastest_adamw(param_groups(own, 0.1))
         pruner = cls(own, TARGET, 0, end, interval, optimizer=opt)
         methods.append(Method(name, opt, pruner, _counter(None, pruner), _hook_cost(pruner),
                               every_update=False,
-                              after_update=_mask_own_gradients(pruner)
-                              if cls is MagnitudePruner else None))
+                              after_update=_mask_own_gradients(pruner) if masks_gradients else None))
     return methods
 
 

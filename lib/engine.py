@@ -48,8 +48,7 @@ class LossReadback:
     tensor itself. A non-finite loss raises :class:`DivergedError` naming its step.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self) -> None:
         self.value: Optional[float] = None  # the newest loss read
         self._pending: Optional[tuple[int, torch.Tensor, Any]] = None
         self._host: Optional[torch.Tensor] = None
@@ -216,7 +215,7 @@ class Trainer:
                     if cfg.amp and self.device.type == "cuda" else contextlib.nullcontext())
         self.eval_every = cfg.eval_interval or self.budget.steps_per_epoch
         self.step, self.best = 0, Best()
-        self.loss = LossReadback(self.device)
+        self.loss = LossReadback()
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.compile:

@@ -146,7 +146,7 @@ def test_loss_readback_reads_the_queued_loss_once_and_names_the_step():
     from adamwprune.engine import DivergedError, LossReadback
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lb = LossReadback(device)
+    lb = LossReadback()
     assert lb.read() is None
     lb.put(1, torch.tensor(2.5, device=device))
     assert lb.read() == 2.5 and lb.read() == 2.5

@@ -853,6 +853,15 @@ def _share_steps(opt: AdamWPrune, params: list[torch.Tensor], steps: list[torch.
     return buffers
 
 
+def _bracket_ranks(n: int, k: int, total: int) -> tuple[int, int]:
+    """Ranks (first, last) among ``n`` sampled keys that bracket the k-th smallest of
+    ``total``: its expected rank +- 5 binomial standard deviations (+ 16). Either may
+    fall outside [0, n): then the bracket is open on that side."""
+    q = k / total
+    spread = 5.0 * (n * q * (1.0 - q)) ** 0.5 + 16
+    return int(q * n - spread), int(q * n + spread) + 1
+
+
 def _gpu_bracket(plan: _GpuPlan, scal: torch.Tensor, step: bool, variant: int, k: int
                  ) -> tuple[torch.Tensor, int]:
     """Bounds [lo, hi) (int64 on the device) around the k-th smallest key, from the
@@ -862,9 +871,7 @@ def _gpu_bracket(plan: _GpuPlan, scal: torch.Tensor, step: bool, variant: int, k
     keys = gpu_kernels.sample(plan.rows, plan.gptrs, scal, table, step, variant)
     n = table[3]
     pad = keys.numel() - n
-    q = k / plan.total
-    spread = 5.0 * (n * q * (1.0 - q)) ** 0.5 + 16
-    first, last = int(q * n - spread), int(q * n + spread) + 1
+    first, last = _bracket_ranks(n, k, plan.total)
     one = torch.ones((), dtype=torch.int64, device=keys.device)
     lo = torch.maximum(keys[pad + first], one) if first >= 0 else one
     hi = keys[pad + last] + 1 if last < n else one * (gpu_kernels.KEY_MAX + 1)
@@ -980,9 +987,7 @@ def _fused_bracket(kernels: cpu_kernels.Kernels, dtype: torch.dtype, sample_args
                                       min(FUSED_SAMPLE_RUNS[1],
                                           max(FUSED_SAMPLE_RUNS[0], total // FUSED_SAMPLE_STRIDE)))
     n = len(keys)
-    q = k / total
-    spread = 5.0 * (n * q * (1.0 - q)) ** 0.5 + 16
-    first, last = int(q * n - spread), int(q * n + spread) + 1
+    first, last = _bracket_ranks(n, k, total)
     key_max = (1 << 64) - 1 if dtype == torch.float64 else 1 << 32
     lo = max(kernels.kth(keys, first), 1) if first >= 0 else 1
     hi = min(kernels.kth(keys, last) + 1, key_max) if last < n else key_max

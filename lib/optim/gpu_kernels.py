@@ -168,6 +168,14 @@ if triton is not None:
             tl.store(ptr + offs, value, mask=inb)
 
     @triton.jit
+    def _zero(w_ptr, m_ptr, v_ptr, x_ptr, offs, mask, amsgrad):
+        """Prune entries: w, m, v (and v_max with AMSGrad) set to 0 where ``mask``."""
+        tl.store(w_ptr + offs, 0.0, mask=mask)
+        tl.store(m_ptr + offs, 0.0, mask=mask)
+        tl.store(v_ptr + offs, 0.0, mask=mask)
+        tl.store(x_ptr + offs, 0.0, mask=mask & amsgrad)
+
+    @triton.jit
     def _tile(row, gptr_ptr, r, s_ptr, offs, inb, flags, base, bounds_ptr, counts_ptr, cand_ptr,
               cap_cand, MODE: tl.constexpr, VARIANT: tl.constexpr, EXACT: tl.constexpr,
               HINT: tl.constexpr, EVEN: tl.constexpr):
@@ -200,10 +208,7 @@ if triton is not None:
             hi = tl.load(bounds_ptr + 1)
             below = lane & (key > 0) & (key < lo)
             if MODE == 3:  # apply: zero what lies below the bracket
-                tl.store(w_ptr + offs, 0.0, mask=below)
-                tl.store(m_ptr + offs, 0.0, mask=below)
-                tl.store(v_ptr + offs, 0.0, mask=below)
-                tl.store(x_ptr + offs, 0.0, mask=below & amsgrad)
+                _zero(w_ptr, m_ptr, v_ptr, x_ptr, offs, below, amsgrad)
             else:
                 cand = lane & (key >= lo) & (key < hi)
                 tl.atomic_add(counts_ptr + 0, tl.sum((lane & (key == 0)).to(tl.int64), axis=0))
@@ -275,10 +280,7 @@ if triton is not None:
         m_ptr = tl.load(row + 2, mask=ok, other=0).to(tl.pointer_type(tl.float32))
         v_ptr = tl.load(row + 3, mask=ok, other=0).to(tl.pointer_type(tl.float32))
         x_ptr = tl.load(row + 4, mask=ok, other=0).to(tl.pointer_type(tl.float32))
-        tl.store(w_ptr + off, 0.0, mask=ok)
-        tl.store(m_ptr + off, 0.0, mask=ok)
-        tl.store(v_ptr + off, 0.0, mask=ok)
-        tl.store(x_ptr + off, 0.0, mask=ok & amsgrad)
+        _zero(w_ptr, m_ptr, v_ptr, x_ptr, off, ok, amsgrad)
 
 
 def class_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
