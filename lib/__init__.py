@@ -7,6 +7,10 @@ Library use in your own training code:
                      target_sparsity=0.7, start_step=100, end_step=800, interval=50)
     ...  # loss.backward(); opt.step(); opt.zero_grad()
 
+Clip with ``adamwprune.clip_grad_norm_(opt, max_norm)`` (before ``opt.step()``):
+it clips the gradient as the optimizer uses it, pruned entries masked, for
+AdamWPrune and any other optimizer alike.
+
 or any optimizer with a pruner stepped after it:
 
     pruner = MagnitudePruner(model, 0.7, start_step=100, end_step=800, interval=50,
@@ -16,12 +20,13 @@ or any optimizer with a pruner stepped after it:
 from .memory import memory_report
 from .optim.adamwadv import AdamWAdv
 from .optim.adamwprune import AdamWPrune
+from .optim.clipping import clip_grad_norm_
 from .optim.spam import AdamWSpam
 from .params import param_groups, prunable_parameters
 from .pruning import MagnitudePruner, MovementPruner, NoPruner, StatePruner, sparsity_at
 
 __all__ = [
     "AdamWAdv", "AdamWPrune", "AdamWSpam", "MagnitudePruner", "MovementPruner", "NoPruner",
-    "StatePruner", "memory_report", "param_groups", "prunable_parameters", "sparsity_at",
+    "StatePruner", "clip_grad_norm_", "memory_report", "param_groups", "prunable_parameters", "sparsity_at",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,10 @@ Four figures, measured side by side in one process on the current device:
 * extra state bytes per parameter: optimizer state + pruning buffers of the
   method, minus AdamW's optimizer state, over the model's parameter count
   (``adamwprune.memory``).
+* with clipping: the same steps preceded by gradient-norm clipping
+  (``adamwprune.clip_grad_norm_``, max norm CLIP_NORM, active at every step),
+  AdamWPrune against AdamW + clipping. AdamWPrune's clipping sees the masked
+  gradient (the norm of the entries it keeps), as a baseline pruner's does.
 * mask update fraction: (mean time of the ramp's update steps - time of a
   normal step) / (interval x normal step time), the share of the step time the
   mask updates take when amortised at the default interval (Kconfig
@@ -54,6 +58,7 @@ from . import config as kconfig
 from .memory import optimizer_state_bytes, pruning_buffer_bytes
 from .optim import cpu_kernels
 from .optim.adamwprune import AdamWPrune
+from .optim.clipping import clip_grad_norm_
 from .params import param_groups
 from .pruning import MagnitudePruner, MovementPruner, StatePruner
 
@@ -67,6 +72,9 @@ TARGET = 0.9
 # them, evenly spread (each then prunes what the skipped ones would have).
 RAMP_UPDATES = 140
 BASELINE_UPDATES = 20
+# Max gradient norm of the clipping rows: below the bench gradients' norm (entries of
+# N(0, 1e-6)), so every step clips.
+CLIP_NORM = 0.01
 
 
 # ------------------------------------------------------------------ timing
@@ -101,6 +109,11 @@ class Method:
     set_counter: Callable[[int], None]
     hooks: Optional[Callable[[], None]] = None
     every_update: bool = True
+    # Gradient-norm clipping before the step (max norm), and the method the step is
+    # compared with; a method that does not prune has no mask updates to time.
+    clip: Optional[float] = None
+    baseline: str = "adamw"
+    prunes: bool = True
     # Untimed, after each mask update: what training's hooks keep true between updates
     # (magnitude: masked entries get no gradient, so their weights stay 0).
     after_update: Optional[Callable[[], None]] = None
@@ -109,6 +122,8 @@ class Method:
     update: list = field(default_factory=list)
 
     def step(self) -> None:
+        if self.clip is not None:
+            clip_grad_norm_(self.optimizer, self.clip)
         self.optimizer.step()
         self.pruner.step()
 
@@ -129,13 +144,22 @@ def build_methods(model: nn.Module, device: torch.device, interval: int,
     end = interval * RAMP_UPDATES
     sched = dict(target_sparsity=TARGET, start_step=0, end_step=end, interval=interval)
     methods = [Method("adamw", _fastest_adamw(param_groups(_copy(model), 0.1)),
-                      _NullPruner(), lambda t: None)]
+                      _NullPruner(), lambda t: None, prunes=False)]
     for name, fast in (("adamwprune", None), ("adamwprune_plain", False))[:2 if plain else 1]:
         own = _copy(model, share_grads=fast is not False)
         opt = AdamWPrune(param_groups(own, 0.1), lr=1e-4, weight_decay=0.1, variant="bitter0",
                          fast=fast, **sched)
         pruner = StatePruner(own, TARGET, 0, end, interval, optimizer=opt)
         methods.append(Method(name, opt, pruner, _counter(opt, pruner)))
+    # Clipping scales (and AdamWPrune's masks) the gradients in place: own copies.
+    methods.append(Method("adamw_clip", _fastest_adamw(param_groups(_copy(model, False), 0.1)),
+                          _NullPruner(), lambda t: None, clip=CLIP_NORM, baseline="adamw_clip",
+                          prunes=False))
+    own = _copy(model, share_grads=False)
+    opt = AdamWPrune(param_groups(own, 0.1), lr=1e-4, weight_decay=0.1, variant="bitter0", **sched)
+    pruner = StatePruner(own, TARGET, 0, end, interval, optimizer=opt)
+    methods.append(Method("adamwprune_clip", opt, pruner, _counter(opt, pruner), clip=CLIP_NORM,
+                          baseline="adamw_clip"))
     for name, cls in (("magnitude", MagnitudePruner), ("movement", MovementPruner)):
         # Magnitude pruning masks its own gradients (its hooks' effect, see after_update).
         masks_gradients = cls is MagnitudePruner
@@ -214,7 +238,7 @@ def measure_steps(methods: list[Method], device: torch.device, interval: int, re
         m.step()
     stride = max(1, RAMP_UPDATES // BASELINE_UPDATES)
     for u in range(1, RAMP_UPDATES + 1):
-        for m in methods[1:]:
+        for m in (m for m in methods if m.prunes):
             if u == 1:  # untimed: one-time costs (GPU kernels compiled on first use)
                 m.set_counter(interval - 1)
                 m.step()
@@ -250,7 +274,7 @@ def extra_bytes(methods: list[Method], n_params: int) -> dict:
     """(state + pruning buffers - AdamW's state) / parameters, per method."""
     base = sum(optimizer_state_bytes(methods[0].optimizer).values())
     out = {}
-    for m in methods[1:]:
+    for m in (m for m in methods if m.prunes):
         state = sum(optimizer_state_bytes(m.optimizer).values())
         buffers = sum(pruning_buffer_bytes(m.optimizer, m.pruner).values())
         out[m.name] = (state + buffers - base) / n_params
@@ -281,20 +305,20 @@ def bench_shapes(name: str, device: torch.device, interval: int, repeats: int, w
 
 def _shape_result(name: str, methods: list[Method], hooks: dict, n_params: int, interval: int,
                   device: torch.device) -> dict:
-    adamw = statistics.median(methods[0].normal)
-    adamw_after = statistics.median(methods[0].after)
+    by_name = {m.name: m for m in methods}
     steps, ratios, fractions = {}, {}, {}
     for m in methods:
         normal, after = statistics.median(m.normal), statistics.median(m.after)
+        base = by_name[m.baseline]
         steps[m.name] = {"ramp": summary(m.normal), "after": summary(m.after)}
-        if m.name != "adamw":
+        if m.prunes:
             # Amortised: the mean extra time of the ramp's update steps, over `interval` steps.
             extra = statistics.mean(m.update) - normal
             steps[m.name]["update"] = summary(m.update)
             fractions[m.name] = extra / (interval * normal)
-        if m.name != "adamw":
-            ratios[f"{m.name}_ramp"] = normal / adamw
-            ratios[f"{m.name}_after"] = after / adamw_after
+        if m is not base:
+            ratios[f"{m.name}_ramp"] = normal / statistics.median(base.normal)
+            ratios[f"{m.name}_after"] = after / statistics.median(base.after)
             if m.name in hooks:
                 ratios[f"{m.name}_with_hooks"] = (normal + hooks[m.name]["median_ms"] / 1e3) / adamw
     result = {"parameters": n_params, "steps": steps, "hooks": hooks, "step_ratio_vs_adamw": ratios,
@@ -303,7 +327,7 @@ def _shape_result(name: str, methods: list[Method], hooks: dict, n_params: int, 
               # What the timed steps did: the sparsity each method reached (zeros of the
               # effective weights, after the ramp) and which code made AdamWPrune's updates.
               "sparsity_after_ramp": {m.name: float(m.pruner.current_sparsity())
-                                      for m in methods[1:]},
+                                      for m in methods if m.prunes},
               "update_paths": {m.name: dict(m.optimizer.update_paths) for m in methods
                                if isinstance(m.optimizer, AdamWPrune)}}
     if device.type == "cuda":

@@ -94,6 +94,7 @@ FIELDS: tuple[Field, ...] = (
     Field("tracker_wandb", "TRACKER_WANDB", "bool"),
     # optimizer
     _choice("optimizer", "OPTIMIZER"),
+    Field("update_rule", "OPT_UPDATE", "str"),
     _float("lr", "OPT_LR", 0.0, 100.0, lo_open=True),
     _float("weight_decay", "OPT_WEIGHT_DECAY", 0.0, 100.0),
     _float("momentum", "OPT_MOMENTUM", 0.0, 1.0, hi_open=True),

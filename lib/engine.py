@@ -24,6 +24,7 @@ from . import checkpoint as ckpt
 from .distributed import DistContext
 from .lr import lr_at
 from .memory import memory_report
+from .optim.clipping import clip_grad_norm_
 from .params import param_groups, prunable_parameters
 from .registry import PruneSchedule, build_optimizer, build_pruner
 from .rundir import RunDir, environment
@@ -326,7 +327,7 @@ class Trainer:
         self.loss.put(self.step + 1, self.dist.mean(total) / len(micro))
         try:
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                clip_grad_norm_(self.optimizer, cfg.grad_clip)  # sees the masked gradient
             self.optimizer.step()
             self.pruner.step()
         except Exception:
@@ -512,7 +513,8 @@ class Trainer:
             "sampled_memory": mem,
             "memory": memory_report(self.model, self.optimizer, self.pruner),
             "config": {"model": self.cfg.model, "optimizer": self.cfg.optimizer,
-                       "pruning": self.cfg.pruning, "seed": self.cfg.seed},
+                       "update_rule": self.cfg.update_rule, "pruning": self.cfg.pruning,
+                       "seed": self.cfg.seed},
         }
         self.run.write_json("final.json", final)
         if self.dist.is_main:

@@ -34,6 +34,9 @@ class OptimInfo:
     summary: str
     # True when the optimizer prunes by itself (paired with the "state" pruner or none).
     prunes_itself: bool = False
+    # Weight decay added to the gradient (L2), which Adam normalises: under a pruner
+    # that keeps dense weights under its mask (movement) they collapse towards 0.
+    coupled_decay: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,10 +94,20 @@ def _adamwspam(groups, cfg, _schedule):
     return AdamWSpam(groups, **_adam_kwargs(cfg), **_spam_kwargs(cfg))
 
 
+# Bases whose stand-alone entry above runs torch's fused kernel: AdamWPrune's plain
+# path uses the same kernel on the CPU, so that "AdamWPrune over B" and "B + a pruner"
+# differ only by the pruning (bitter1 and magnitude train to the same weights). On
+# CUDA the base stays unfused: AdamWPrune's own GPU kernels take its steps there.
+_FUSED_BASES = ("adam", "adamw")
+
+
 def _adamwprune(groups, cfg, schedule: PruneSchedule):
     from .optim.adamwprune import AdamWPrune
 
     base_kwargs: dict = {}
+    on_cpu = all(p.device.type == "cpu" for g in groups for p in g["params"])
+    if cfg.adamwprune_base in _FUSED_BASES and on_cpu:
+        base_kwargs.update(_fast(groups))
     if cfg.adamwprune_base == "adamwspam":
         base_kwargs.update(_spam_kwargs(cfg))
     else:
@@ -111,8 +124,9 @@ def _adamwprune(groups, cfg, schedule: PruneSchedule):
 
 
 OPTIMIZERS: dict[str, OptimInfo] = {
-    "sgd": OptimInfo("sgd", _sgd, "torch.optim.SGD with momentum (optional Nesterov)"),
-    "adam": OptimInfo("adam", _adam, "torch.optim.Adam (coupled L2 decay)"),
+    "sgd": OptimInfo("sgd", _sgd, "torch.optim.SGD with momentum (optional Nesterov)",
+                     coupled_decay=True),
+    "adam": OptimInfo("adam", _adam, "torch.optim.Adam (coupled L2 decay)", coupled_decay=True),
     "adamw": OptimInfo("adamw", _adamw, "torch.optim.AdamW (decoupled decay)"),
     "adamwadv": OptimInfo("adamwadv", _adamwadv, "AdamW + AMSGrad + cosine lr + clipping"),
     "adamwspam": OptimInfo("adamwspam", _adamwspam, "SPAM (Huang et al., ICLR 2025)"),

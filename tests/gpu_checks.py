@@ -44,6 +44,10 @@ def _compare(a, oa, b, ob, label: str) -> None:
         assert torch.equal(pa == 0, pb == 0), f"{label}: masks differ in tensor {i}"
         torch.testing.assert_close(pa, pb, rtol=2e-5, atol=2e-6, msg=f"{label}: weights {i}")
         assert oa.state[pa]["step"].item() == ob.state[pb]["step"].item(), f"{label}: step {i}"
+        if "exp_avg_sq" in ob.state[pb]:  # the pruned-entry mark (v = -0.0) agrees
+            assert torch.equal(awp.pruned_in(oa.state[pa]["exp_avg_sq"]).cpu(),
+                               awp.pruned_in(ob.state[pb]["exp_avg_sq"]).cpu()), \
+                f"{label}: pruned marks differ in tensor {i}"
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if key in ob.state[pb]:
                 torch.testing.assert_close(oa.state[pa][key], ob.state[pb][key], rtol=2e-5,
@@ -72,6 +76,47 @@ def check_matches_plain(device: str) -> None:
         pruned = int((a[0] == 0).sum() + (a[2] == 0).sum())
         assert pruned == round(0.7 * (a[0].numel() + a[2].numel()))
         assert int((a[1] == 0).sum() + (a[3] == 0).sum()) == 0  # group without "prune"
+
+
+def check_live_zeros_are_not_pruned(device: str) -> None:
+    """Weights that are 0 with zero gradient (so w = m = v = 0) while alive are not
+    taken for pruned: exactly k entries carry the mark, as on the plain path."""
+    def zero_rows(params):
+        with torch.no_grad():
+            params[0][:12] = 0
+            params[2][:20] = 0
+
+    a, oa = _pair(device, True, target_sparsity=0.3)
+    b, ob = _pair(device, False, target_sparsity=0.3)
+    zero_rows(a)
+    zero_rows(b)
+    for step in range(36):
+        _grads([a, b], step)
+        if step < 20:
+            for params in (a, b):
+                params[0].grad[:12] = 0
+                params[2].grad[:20] = 0
+        oa.step()
+        ob.step()
+    _compare(a, oa, b, ob, "live zeros")
+    marked = sum(int(awp.pruned_in(oa.state[p]["exp_avg_sq"]).sum()) for p in (a[0], a[2]))
+    assert marked == round(0.3 * (a[0].numel() + a[2].numel()))
+    assert oa.update_paths["gpu-fused"] >= 1, oa.update_paths
+
+
+def check_clipping_sees_the_masked_gradient(device: str) -> None:
+    """clip_grad_norm_ before each step: the GPU path equals the plain path."""
+    from adamwprune.optim.clipping import clip_grad_norm_
+
+    a, oa = _pair(device, True)
+    b, ob = _pair(device, False)
+    for step in range(36):
+        _grads([a, b], step)
+        na, nb = clip_grad_norm_(oa, 0.5), clip_grad_norm_(ob, 0.5)
+        torch.testing.assert_close(na, nb, rtol=1e-5, atol=1e-6)
+        oa.step()
+        ob.step()
+    _compare(a, oa, b, ob, "clipping")
 
 
 def check_ties(device: str) -> None:
@@ -157,7 +202,8 @@ def check_step_vs_torch(device: str) -> None:
 
 
 CHECKS = [check_step_vs_torch, check_matches_plain, check_ties, check_missed_bracket,
-          check_small_candidate_buffer, check_standalone, check_state_dict_between_paths]
+          check_small_candidate_buffer, check_standalone, check_state_dict_between_paths,
+          check_live_zeros_are_not_pruned, check_clipping_sees_the_masked_gradient]
 
 
 def main() -> int:

@@ -225,7 +225,7 @@ def test_param_groups_and_state_are_shared_with_the_base():
     assert optimizer.state[model.fc.weight] is optimizer.base_optimizer.state[model.fc.weight]
     assert set(optimizer.state[model.fc.weight]) == {"step", "exp_avg", "exp_avg_sq"}
     saved = optimizer.state_dict()
-    assert saved["pruning"] == {"step": 1}
+    assert saved["pruning"] == {"step": 1, "encoding": "exp_avg_sq=-0.0"}
     assert [g["prune"] for g in saved["param_groups"]] == [True, False]
 
 

@@ -32,6 +32,8 @@ class BaseInfo:
     # The fused CPU kernel computes exactly this base's update (Adam/AdamW, and
     # AdamWAdv when it does not clip: clipping must see the masked gradient).
     cpu_kernel: bool = False
+    # dtype of state["step"] the base creates (None: torch.optim's own rule).
+    step_dtype: Optional[torch.dtype] = None
 
     def load(self) -> type:
         return getattr(importlib.import_module(self.module), self.cls)
@@ -42,7 +44,8 @@ BASES: dict[str, BaseInfo] = {
     "adam": BaseInfo("adam", "torch.optim", "Adam", True, cpu_kernel=True),
     "adamwadv": BaseInfo("adamwadv", "adamwprune.optim.adamwadv", "AdamWAdv", True,
                          cpu_kernel=True),
-    "adamwspam": BaseInfo("adamwspam", "adamwprune.optim.spam", "AdamWSpam", False),
+    "adamwspam": BaseInfo("adamwspam", "adamwprune.optim.spam", "AdamWSpam", False,
+                          step_dtype=torch.float32),
 }
 
 
@@ -61,6 +64,15 @@ FUSED_SAMPLE_RUNS = (1 << 8, 1 << 12)
 FUSED_SAMPLE_STRIDE = 4096
 _FAST_DTYPES = (torch.float32, torch.float64)
 _ADAM_STATE_KEYS = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+# How a pruned entry is marked (state_dict()["pruning"]["encoding"]): exp_avg_sq holds
+# -0.0 there. A live entry never does (Adam's v only ever adds non-negative terms to
+# +0.0), so a live weight that happens to be 0 with v = 0 is not taken for pruned.
+ENCODING = "exp_avg_sq=-0.0"
+
+
+def pruned_in(exp_avg_sq: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the entries whose ``exp_avg_sq`` marks them pruned (-0.0)."""
+    return torch.signbit(exp_avg_sq) & (exp_avg_sq == 0)
 
 
 def _check_int(label: str, value: Any, low: int) -> None:
@@ -205,6 +217,8 @@ class AdamWPrune(torch.optim.Optimizer):
         self.start_step, self.end_step, self.interval = int(start_step), int(end_step), int(interval)
         self.schedule, self.scope = schedule, scope
         self._budget_factor = budget_factor
+        self._info = info
+        self._grad_scale: Optional[float] = None  # clip_grad_norm_'s factor for the next step
         self.fast = fast
         self._fast_cpu_kernel = info.cpu_kernel
         self._numel_cache: tuple[tuple[int, ...], int] = ((), 0)
@@ -257,13 +271,12 @@ class AdamWPrune(torch.optim.Optimizer):
         return sparsity_at(t, self.target_sparsity, self.start_step, self.end_step, self.schedule)
 
     def pruned_entries(self, p: torch.Tensor) -> torch.Tensor:
-        """Bool mask of pruned entries, read from the state: w == 0 and v == 0
-        (only w == 0 for a parameter without state yet)."""
-        pruned = p == 0
+        """Bool mask of pruned entries, read from the state: ``exp_avg_sq == -0.0``
+        (none for a parameter without state: pruning creates the state first)."""
         exp_avg_sq = self.state[p].get("exp_avg_sq") if p in self.state else None
-        if exp_avg_sq is not None:
-            pruned &= exp_avg_sq == 0
-        return pruned
+        if exp_avg_sq is None:
+            return torch.zeros_like(p, dtype=torch.bool)
+        return pruned_in(exp_avg_sq)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -271,29 +284,119 @@ class AdamWPrune(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scale, self._grad_scale = self._grad_scale, None
         in_force = self.masks_in_force()
         t = self.pruning_step + 1
         update = self.target_sparsity > 0 and is_update_step(
             t, self.start_step, self.end_step, self.interval)
         sparsity = self._sparsity_at(t) if update else None
-        stepped, pruned = self._fast_step(in_force, sparsity)
+        if update and self._rank_before_step():
+            # The base zeroes m and v in this step (SPAM's reset): a score that reads
+            # them ranks the moments it has now, not the ones the reset leaves.
+            self._prune(sparsity)
+            in_force = in_force or sparsity > 0
+            update = False
+        stepped, pruned = self._fast_step(in_force, sparsity if update else None, scale)
         if pruned:
             self.update_paths["gpu-fused" if self._gpu_wanted() else "cpu-fused"] += 1
         if not stepped:
-            if in_force:
-                for p, _ in self._prunable():
-                    if p.grad is not None:
-                        p.grad.masked_fill_(self.pruned_entries(p), 0)
-            self.base_optimizer.step()
+            self._step_plain(in_force, scale)
         self.pruning_step = t
         if update and not pruned:
             self._prune(sparsity)
         return loss
 
+    def _rank_before_step(self) -> bool:
+        """Whether this step's mask update must rank before the base step: the score
+        reads the moments and the base resets them in this step."""
+        resets = getattr(self.base_optimizer, "resets_moments_next_step", None)
+        return self.importance.uses_moments and callable(resets) and bool(resets())
+
+    def _step_plain(self, in_force: bool, scale: Optional[float]) -> None:
+        """The base optimizer's own step on the masked (and, after clip_grad_norm_,
+        scaled) gradient; the base rewrites v at pruned entries as +0.0, so their
+        encoding is restored afterwards."""
+        pruned = []
+        if in_force:
+            for p, _ in self._prunable():
+                mask = self.pruned_entries(p)
+                if p.grad is not None:
+                    p.grad.masked_fill_(mask, 0)
+                pruned.append((p, mask))
+        if scale is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, scale)
+        self.base_optimizer.step()
+        for p, mask in pruned:
+            self.state[p]["exp_avg_sq"].masked_fill_(mask, -0.0)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's gradients, as they
+        are *after masking*: the gradient of every pruned entry is set to 0 first, so
+        the norm, and the clipping, are those a baseline pruner (whose hooks mask the
+        gradient during backward) sees. Call it between ``backward()`` and
+        :meth:`step`; returns the total norm. On the fused CPU path the norm is taken
+        in the same pass that zeroes the pruned gradients, and the clipping factor is
+        applied inside the next :meth:`step` (one pass less; ``p.grad`` then holds the
+        masked, unscaled gradient). :meth:`zero_grad` drops a factor not yet used."""
+        max_norm, norm_type = float(max_norm), float(norm_type)
+        self._grad_scale = None
+        in_force = self.masks_in_force()
+        total = self._fast_clip(in_force, max_norm) if norm_type == 2.0 else None
+        if total is not None:
+            if error_if_nonfinite and not torch.isfinite(total):
+                raise RuntimeError(f"The total norm of order {norm_type} for gradients is "
+                                   "non-finite, so it cannot be clipped")
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            self._grad_scale = float(coef)
+            return total
+        if in_force:
+            for p, _ in self._prunable():
+                if p.grad is not None:
+                    p.grad.masked_fill_(self.pruned_entries(p), 0)
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad_scale = None
+        super().zero_grad(set_to_none)
+
+    def _fast_clip(self, in_force: bool, max_norm: float) -> Optional[torch.Tensor]:
+        """The masked norm from the CPU kernel when the next step will be fused (the
+        factor is then applied there); None where the plain clipping must run."""
+        kernels = self._kernels()
+        if kernels is None or self._gpu_wanted() or not self._fast_step_ok():
+            return None
+        if self._fast_step_work(in_force) is None:
+            return None
+        per_dtype: dict = {}
+        for group in self.param_groups:
+            flag = cpu_kernels.MASKED if in_force and group["prune"] else 0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                v = self.state[p].get("exp_avg_sq") if flag else None
+                ptrs, numel, flags = per_dtype.setdefault(p.dtype, (array("q"), array("q"),
+                                                                     array("i")))
+                ptrs.extend((p.grad.data_ptr(), 0 if v is None else v.data_ptr()))
+                numel.append(p.numel())
+                flags.append(flag)
+        if not per_dtype:
+            return None
+        sq = sum(kernels.masked_sqnorm(dtype, *args) for dtype, args in per_dtype.items())
+        dtype = torch.float64 if torch.float64 in per_dtype else torch.float32
+        return torch.tensor(sq, dtype=torch.float64).sqrt().to(dtype)
+
     # ------------------------------------------------------------ plain pruning
     @torch.no_grad()
     def _prune(self, sparsity: float) -> None:
         prunable = self._prunable()
+        for p, group in prunable:  # the encoding lives in v: a tensor without state gets it
+            if not self.state[p]:
+                _init_adam_state(self.state[p], p, group, self._info.step_dtype)
         sets = [prunable] if self.scope == "global" else [[item] for item in prunable]
         kernels = self._kernels()
         for items in sets:
@@ -309,12 +412,8 @@ class AdamWPrune(torch.optim.Optimizer):
         """Exactly round(s * N) lowest scores of ``items`` (one ranking) pruned."""
         scores = []
         for p, group in items:
-            state = self.state[p] if p in self.state else {}
-            if "exp_avg" in state:
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            else:  # no gradient has reached p yet
-                exp_avg = exp_avg_sq = torch.zeros_like(p)
-            score = self.importance.fn(p, exp_avg, exp_avg_sq, group["eps"])
+            state = self.state[p]
+            score = self.importance.fn(p, state["exp_avg"], state["exp_avg_sq"], group["eps"])
             score.masked_fill_(self.pruned_entries(p), float("-inf"))
             scores.append(score)
         masks = prune_masks(scores, sparsity, "global")
@@ -322,6 +421,7 @@ class AdamWPrune(torch.optim.Optimizer):
         for (p, _), mask in zip(items, masks):
             p.masked_fill_(mask, 0)
             zero_optimizer_state(self, p, mask)
+            self.state[p]["exp_avg_sq"].masked_fill_(mask, -0.0)
 
     # --------------------------------------------------------------- fast path
     def _kernels(self) -> Optional[cpu_kernels.Kernels]:
@@ -353,13 +453,17 @@ class AdamWPrune(torch.optim.Optimizer):
                     or torch_optimizer._global_optimizer_pre_hooks
                     or torch_optimizer._global_optimizer_post_hooks)
 
-    def _fast_step(self, in_force: bool, sparsity: Optional[float]) -> tuple[bool, bool]:
+    def _fast_step(self, in_force: bool, sparsity: Optional[float],
+                   scale: Optional[float] = None) -> tuple[bool, bool]:
         """The masked base step through the fused kernel and, on an update step
-        (``sparsity`` given), the pruning fused into it where possible. Returns
-        (stepped, pruned); (False, False) where the plain path must take the step
-        (nothing has been changed then)."""
+        (``sparsity`` given), the pruning fused into it where possible; ``scale``
+        multiplies the gradients (clip_grad_norm_'s factor). Returns (stepped,
+        pruned); (False, False) where the plain path must take the step (nothing has
+        been changed then)."""
         if self._gpu_wanted():
-            return self._gpu_step(in_force, sparsity) if self._fast_step_ok() else (False, False)
+            if not self._fast_step_ok() or scale is not None:
+                return False, False
+            return self._gpu_step(in_force, sparsity)
         kernels = self._kernels()
         if kernels is None or not self._fast_step_ok():
             return False, False
@@ -368,7 +472,8 @@ class AdamWPrune(torch.optim.Optimizer):
             return False, False
         hyper = array("d")
         for group in self.param_groups:
-            hyper.extend((group["lr"], *group["betas"], group["eps"], group["weight_decay"]))
+            hyper.extend((group["lr"], *group["betas"], group["eps"], group["weight_decay"],
+                          1.0 if scale is None else scale))
         fused = self._fused_prune_plan(work) if sparsity is not None else None
         pruned = False
         for dtype, (ptrs, numel, group_of, flags, _) in work.items():
@@ -526,8 +631,8 @@ class AdamWPrune(torch.optim.Optimizer):
                 if torch.is_tensor(value) and value.shape == p.shape}
         if not all(_fast_state_ok(p, value) for value in same.values()):
             return None
-        if ("exp_avg" in state) != ("exp_avg_sq" in state):
-            return None
+        if "exp_avg" not in state or "exp_avg_sq" not in state:
+            return None  # the encoding needs v (_prune creates the state first)
         first = [state["exp_avg"], state["exp_avg_sq"]] if "exp_avg" in state else []
         rest = [value for key, value in same.items() if key not in ("exp_avg", "exp_avg_sq")]
         if len(rest) > 3 or (first and any(t.shape != p.shape for t in first)):
@@ -612,7 +717,7 @@ class AdamWPrune(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = self.base_optimizer.state_dict()
-        state["pruning"] = {"step": self.pruning_step}
+        state["pruning"] = {"step": self.pruning_step, "encoding": ENCODING}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -628,6 +733,24 @@ class AdamWPrune(torch.optim.Optimizer):
         self.pruning_step = int(pruning["step"])
         self._fast_rows = {}
         self._gpu_plan = None
+        encoding = pruning.get("encoding")
+        if encoding is None:
+            self._convert_old_encoding()
+        elif encoding != ENCODING:
+            raise ValueError(f"this state_dict marks pruned entries as {encoding!r}; this "
+                             f"version of AdamWPrune reads {ENCODING!r}")
+
+    @torch.no_grad()
+    def _convert_old_encoding(self) -> None:
+        """A state_dict saved before the -0.0 encoding (version 0.1.0) marked a pruned
+        entry by w == 0 and v == 0 alone: mark those entries the new way. Call after
+        the model's weights are loaded (as the engine's resume does)."""
+        if not self.masks_in_force():
+            return
+        for p, _ in self._prunable():
+            v = self.state[p].get("exp_avg_sq") if p in self.state else None
+            if v is not None:
+                v.masked_fill_((p == 0) & (v == 0), -0.0)
 
 
 # ---------------------------------------------------------------- GPU tables
@@ -958,15 +1081,17 @@ def _fast_state_ok(p: torch.Tensor, value: Optional[torch.Tensor]) -> bool:
             and value.device == p.device and value.is_contiguous())
 
 
-def _init_adam_state(state: dict, p: torch.Tensor, group: dict) -> None:
-    """What torch.optim.Adam(W)'s _init_group creates for a parameter's first step."""
+def _init_adam_state(state: dict, p: torch.Tensor, group: dict,
+                     step_dtype: Optional[torch.dtype] = None) -> None:
+    """What torch.optim.Adam(W)'s _init_group (or a base with ``step_dtype``)
+    creates for a parameter's first step."""
     fused_or_capturable = bool(group.get("fused") or group.get("capturable"))
-    dtype = torch_optimizer._get_scalar_dtype(is_fused=group.get("fused"))
+    dtype = step_dtype or torch_optimizer._get_scalar_dtype(is_fused=group.get("fused"))
     state["step"] = (torch.zeros((), dtype=dtype, device=p.device) if fused_or_capturable
                      else torch.tensor(0.0, dtype=dtype))
     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    if group["amsgrad"]:
+    if group.get("amsgrad"):
         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 

@@ -3,9 +3,13 @@
 One parallel pass per optimizer step, where the plain path makes several:
 
 * ``adam_step``: the Adam/AdamW update of every tensor, with AdamWPrune's mask
-  read inline from the state (an entry with w == 0 and v == 0 gets gradient 0),
-  so masking costs no extra pass and no stored mask. It reads w, g, m, v and
-  writes w, m, v: the 28 bytes per fp32 parameter of torch's fused AdamW.
+  read inline from the state (an entry whose v is -0.0 is pruned: it gets
+  gradient 0 and keeps v = -0.0), so masking costs no extra pass and no stored
+  mask. It reads w, g, m, v and writes w, m, v: the 28 bytes per fp32 parameter
+  of torch's fused AdamW. The gradient is multiplied by a scale first (the
+  clipping factor ``masked_sqnorm`` leads to, else 1: exact).
+* ``masked_sqnorm``: the squared norm of the gradients as clipping must see
+  them, pruned entries' gradients set to 0 in the same pass (read g, v; write g).
 * ``adam_step_prune`` (mask-update steps): the same update, plus the importance
   score of every prunable entry computed from the new w, m, v while they are in
   registers (bitter0 reuses the update's sqrt(v)). Given a bracket [lo, hi) of
@@ -23,8 +27,9 @@ One parallel pass per optimizer step, where the plain path makes several:
   bin, of which the needed number, smallest (score, index) first, are zeroed.
 
 Scores map to unsigned keys with the same order (-0 becomes +0, every NaN the
-largest key); key 0 marks an already pruned entry (w == 0 and v == 0), below
-every score, as the plain path's -inf. Ties are broken by the index in the
+largest key); key 0 marks an already pruned entry (v == -0.0), below every
+score, as the plain path's -inf. Pruning an entry sets w, m and v_max to 0 and v
+to -0.0. Ties are broken by the index in the
 concatenation of the prunable tensors, as ``adamwprune.pruning.selection``.
 
 The source is compiled with the system's C compiler (``$CC``, else ``gcc``, else
@@ -64,6 +69,7 @@ import torch
 # Flag bits of a tensor in the adam_* kernels.
 MASKED, AMSGRAD, COUPLED, MAXIMIZE, STEP_F64, PRUNABLE = 1, 2, 4, 8, 16, 32
 NBINS = 65536
+HYPER = 6  # doubles per group in `hyper`: lr, beta1, beta2, eps, weight_decay, gradient scale
 PTRS_PER_TENSOR = 6  # adam_*: w, g, m, v, max_exp_avg_sq or 0, step; prune_*: w, m, v, 3 more
 CODE_BITS = 40  # a candidate or undo entry is (prunable tensor ordinal << 40) | index
 
@@ -80,6 +86,11 @@ _COMMON = r"""
 #define SUB 512     /* keys computed per vector pass before the scalar scan */
 #define NBINS 65536 /* histogram of the top 16 bits of a key */
 #define CODE_BITS 40
+#define HYPER 6     /* doubles per parameter group in `hyper` */
+
+/* A pruned entry holds v = -0.0 (exp_avg_sq); no live entry can: Adam's v only
+   ever adds non-negative terms to +0.0. */
+#define PRUNED(V) (((V) == 0) & (signbit(V) != 0))
 
 typedef struct { int64_t t, lo, hi; } Chunk;
 typedef struct { uint64_t key; int64_t idx; } Cand;
@@ -157,15 +168,18 @@ static inline uint64_t key_f64(double s) {
 # Per element type: @T@ type, @S@ suffix, @K@ key type, @SHIFT@ key bits - 16.
 _TYPED = r"""
 typedef struct {
-  @T@ sign, decay, cwd, coeff, beta2, omb2, bc2s, eps, ssn;
+  @T@ gscale, sign, decay, cwd, coeff, beta2, omb2, bc2s, eps, ssn;
   int from_start;
 } Args_@S@;
 
-/* hyper: lr, beta1, beta2, eps, weight_decay; flags as in the Python module. */
+/* hyper (HYPER per group): lr, beta1, beta2, eps, weight_decay, gradient scale (the
+   clipping coefficient clip_grad_norm_ left for this step, else 1); flags as in the
+   Python module. */
 static Args_@S@ args_@S@(const double *h, int32_t f, double step) {
   const double lr = h[0], b1 = h[1], b2 = h[2], wd = h[4];
   const double bc1 = 1.0 - pow(b1, step), bc2 = 1.0 - pow(b2, step), wgt = 1.0 - b1;
   Args_@S@ a;
+  a.gscale = (@T@)h[5];
   a.sign = (f & 8) ? (@T@)-1 : (@T@)1;
   a.decay = (@T@)((f & 4) ? 1.0 : 1.0 - lr * wd);
   a.cwd = (@T@)wd;
@@ -231,7 +245,7 @@ int prune_hist_@S@(int64_t nt, const int64_t *ptrs, const int64_t *numel, const 
 
 static void zero_entry_@S@(const int64_t *p, int64_t i) {
   ((@T@ *)p[0])[i] = 0;
-  for (int s = 1; s < 6; s++) if (p[s]) ((@T@ *)p[s])[i] = 0;
+  for (int s = 1; s < 6; s++) if (p[s]) ((@T@ *)p[s])[i] = s == 2 ? -(@T@)0 : (@T@)0;
 }
 
 /* Pass 2: zeroes every entry not yet pruned whose key bin is below `bin`, and of the
@@ -283,6 +297,39 @@ int64_t prune_apply_@S@(int64_t nt, const int64_t *ptrs, const int64_t *numel, c
   return found;
 }
 
+/* The squared L2 norm of nt gradients, summed in double, for clip_grad_norm_: over the
+   masked gradient. Where a tensor's flags have MASKED and its v holds a pruned entry
+   (-0.0), the gradient is set to 0 in memory and adds nothing. ptrs: 2 per tensor (g,
+   v or 0). Returns the sum, or -1 (no memory). */
+double masked_sqnorm_@S@(int64_t nt, const int64_t *ptrs, const int64_t *numel,
+                         const int32_t *flags, int nthreads) {
+  int64_t nchunks;
+  Chunk *chunks = make_chunks(nt, numel, &nchunks);
+  if (!chunks) return -1.0;
+  double total = 0.0;
+  #pragma omp parallel for schedule(static) reduction(+ : total) num_threads(nthreads)
+  for (int64_t c = 0; c < nchunks; c++) {
+    const int64_t t = chunks[c].t, lo = chunks[c].lo, hi = chunks[c].hi;
+    @T@ *restrict g = (@T@ *)ptrs[2 * t];
+    const @T@ *restrict v = (const @T@ *)ptrs[2 * t + 1];
+    double acc = 0.0;
+    if ((flags[t] & 1) && v) {
+      #pragma omp simd reduction(+ : acc)
+      for (int64_t i = lo; i < hi; i++) {
+        const @T@ gi = PRUNED(v[i]) ? (@T@)0 : g[i];
+        g[i] = gi;
+        acc += (double)gi * (double)gi;
+      }
+    } else {
+      #pragma omp simd reduction(+ : acc)
+      for (int64_t i = lo; i < hi; i++) acc += (double)g[i] * (double)g[i];
+    }
+    total += acc;
+  }
+  free(chunks);
+  return total;
+}
+
 /* The Adam(W) update of [lo, hi) of one tensor, one function per flag combination. */
 @ADAM_LOOPS@
 
@@ -301,7 +348,7 @@ int adam_step_@S@(int64_t nt, const int64_t *ptrs, const int64_t *numel, const d
   #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t c = 0; c < nchunks; c++) {
     const int64_t t = chunks[c].t, *p = ptrs + 6 * t;
-    const Args_@S@ a = args_@S@(hyper + 5 * group[t], flags[t], step_value_@S@(p, flags[t]));
+    const Args_@S@ a = args_@S@(hyper + HYPER * group[t], flags[t], step_value_@S@(p, flags[t]));
     adam_range_@S@(flags[t], &a, p, chunks[c].lo, chunks[c].hi);
   }
   free(chunks);
@@ -336,7 +383,7 @@ int64_t adam_sample_@S@(int64_t nt, const int64_t *ptrs, const int64_t *numel,
       const int64_t *p = ptrs + 6 * t;
       const int32_t f = flags[t];
       if (cached != t) {
-        a = args_@S@(hyper + 5 * group[t], f, step_value_@S@(p, f) + 1.0);
+        a = args_@S@(hyper + HYPER * group[t], f, step_value_@S@(p, f) + 1.0);
         cached = t;
       }
       int64_t local[6] = {0, 0, 0, 0, 0, p[5]};
@@ -404,7 +451,7 @@ int adam_step_prune_@S@(int64_t nt, const int64_t *ptrs, const int64_t *numel,
     for (int64_t c = 0; c < nchunks; c++) {
       const int64_t t = chunks[c].t, *p = ptrs + 6 * t;
       const int32_t f = flags[t];
-      const Args_@S@ a = args_@S@(hyper + 5 * group[t], f, step_value_@S@(p, f));
+      const Args_@S@ a = args_@S@(hyper + HYPER * group[t], f, step_value_@S@(p, f));
       if (!(f & 32) || !lundo || !lcand) {
         adam_range_@S@(f, &a, p, chunks[c].lo, chunks[c].hi);
         continue;
@@ -423,7 +470,7 @@ int adam_step_prune_@S@(int64_t nt, const int64_t *ptrs, const int64_t *numel,
             Undo_@S@ *u = lundo + nu++;                                                \
             u->code = base + j_; u->w = w[lo + j_]; u->m = m[lo + j_]; u->v = v[lo + j_]; \
             u->vm = vm ? vm[lo + j_] : 0;                                              \
-            w[lo + j_] = 0; m[lo + j_] = 0; v[lo + j_] = 0;                            \
+            w[lo + j_] = 0; m[lo + j_] = 0; v[lo + j_] = -(@T@)0;                            \
             if (vm) vm[lo + j_] = 0;                                                   \
           } else {                                                                     \
             lcand[nc].key = key_; lcand[nc].idx = base + j_; nc++;                     \
@@ -502,7 +549,7 @@ int prune_finish_@S@(const int64_t *pptrs, const Cand *cand, int64_t n_cand, int
   for (int64_t j = 0; j < n_cand; j++) {
     if (cand_less(&cut, &cand[j])) continue;
     const int64_t *p = pptrs + 4 * (cand[j].idx >> CODE_BITS), i = cand[j].idx & mask;
-    for (int s = 0; s < 4; s++) if (p[s]) ((@T@ *)p[s])[i] = 0;
+    for (int s = 0; s < 4; s++) if (p[s]) ((@T@ *)p[s])[i] = s == 2 ? -(@T@)0 : (@T@)0;
   }
   return 0;
 }
@@ -524,12 +571,15 @@ def _update_lines(d: dict, masked, ams, coupled) -> list[str]:
     def when(flag, text):
         return [] if flag is False else [text] if flag is True else [f"if ({flag}) {{ {text} }}"]
 
-    lines = [f"{T} wi = w[i], gi = g[i] * a.sign, mi = m[i], vi = v[i], vmi = 0;"]
-    lines += when(masked, f"gi = ((wi != ({T})0) | (vi != ({T})0)) ? gi : ({T})0;")
+    lines = [f"{T} wi = w[i], gi = (g[i] * a.gscale) * a.sign, mi = m[i], vi = v[i], vmi = 0;"]
+    # A pruned entry (v = -0.0) gets gradient 0 and keeps v = -0.0 through the update.
+    lines += when(masked, f"const int pr = PRUNED(vi); gi = pr ? ({T})0 : gi;")
     lines += when(coupled, f"gi = {d['FMA']}(wi, a.cwd, gi);")
     lines += ["wi = wi * a.decay;",
               f"mi = {d['FMA']}(a.coeff, gi - mi, a.from_start ? mi : gi);",
-              "vi = vi * a.beta2 + a.omb2 * gi * gi;",
+              "vi = vi * a.beta2 + a.omb2 * gi * gi;"]
+    lines += when(masked, f"vi = pr ? -({T})0 : vi;")
+    lines += [
               f"const {T} sqv = {d['SQRT']}(vi);",
               f"{T} sqd = sqv;"]
     # torch.maximum propagates NaN from either side.
@@ -543,7 +593,7 @@ def _score_lines(d: dict, variant: int) -> list[str]:
     """C statements: `score` of entry i from wi, mi, vi, sqv; -inf where pruned."""
     T = d["T"]
     score = (f"wi * wi * {d['FABS']}(mi) / (sqv + a.eps)" if variant == 0 else f"{d['FABS']}(wi)")
-    return [f"const int pruned = (wi == ({T})0) & (vi == ({T})0);",
+    return ["const int pruned = PRUNED(vi);",
             f"const {T} score = pruned ? -({T})INFINITY : {score};"]
 
 
@@ -624,7 +674,7 @@ static void keys_{S}_{variant}{state}(const {T} *restrict w, const {T} *restrict
   for (int64_t i = 0; i < n; i++) {{
     const {T} wi = w[lo + i], mi = {m}, vi = {v};
     const {T} s = {score};
-    const int pruned = (wi == ({T})0) & (vi == ({T})0);
+    const int pruned = PRUNED(vi);
     out[i] = pruned ? ({K})0 : {d['KEYF']}(s);
   }}
 }}""")
@@ -732,6 +782,14 @@ class Kernels:
         if self._fn("adam_step", dtype)(len(numel), _addr(ptrs), _addr(numel), _addr(hyper),
                                         _addr(group), _addr(flags), torch.get_num_threads()):
             raise MemoryError("adam_step could not allocate its work list")
+
+    def masked_sqnorm(self, dtype: torch.dtype, ptrs: array, numel: array, flags: array) -> float:
+        """Sum of squares of the masked gradients (zeroed in memory where pruned)."""
+        total = self._fn("masked_sqnorm", dtype)(len(numel), _addr(ptrs), _addr(numel),
+                                                 _addr(flags), torch.get_num_threads())
+        if total < 0:
+            raise MemoryError("masked_sqnorm could not allocate its work list")
+        return float(total)
 
     def adam_sample(self, dtype: torch.dtype, ptrs: array, numel: array, hyper: array,
                     group: array, flags: array, variant: int, total: int,
@@ -883,6 +941,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "prune_finish": ([ptr, ptr, i64, i64, u64, u64, ptr, i64, i32, u64, i32], i32),
         "prune_hist": ([i64, ptr, ptr, ptr, i32, ptr, i32], i32),
         "prune_apply": ([i64, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i32], i64),
+        "masked_sqnorm": ([i64, ptr, ptr, ptr, i32], ctypes.c_double),
     }
     for suffix in ("f32", "f64"):
         for name, (args, result) in signatures.items():

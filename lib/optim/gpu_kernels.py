@@ -5,7 +5,7 @@ over every tensor, where the plain path makes several passes per tensor.
 
 * Step (``MODE_STEP``): the Adam/AdamW update (coupled or decoupled weight
   decay, AMSGrad) of every tensor, with AdamWPrune's mask read inline from the
-  state (an entry with w == 0 and v == 0 gets gradient 0). It reads w, g, m, v
+  state (an entry whose v is -0.0 gets gradient 0 and keeps v = -0.0). It reads w, g, m, v
   and writes w, m, v: the 28 bytes per fp32 parameter of torch's fused AdamW.
   One launch covers all tensors: a table of their addresses (``rows``) and a
   table of 1,024-entry tiles say which program updates what, and the
@@ -27,8 +27,8 @@ over every tensor, where the plain path makes several passes per tensor.
   concatenation or mask is allocated, and nothing survives the step.
 
 Keys have the order of the scores: ``bits(score) + 1`` for a score >= 0, every
-NaN the largest key, and 0 for an already pruned entry (the plain path's
--inf). Ties are broken by the index in the concatenation of the prunable
+NaN the largest key, and 0 for an already pruned entry (v = -0.0; the plain
+path's -inf). Ties are broken by the index in the concatenation of the prunable
 tensors, as ``adamwprune.pruning.selection``. Division and sqrt are IEEE
 (``div_rn``, ``sqrt_rn``), as torch's CUDA kernels; results agree with the
 plain path to rounding (the tests compare them).
@@ -109,6 +109,16 @@ if triton is not None:
             return tl.sqrt(a)
 
     @triton.jit
+    def _pruned(v):
+        """Entries marked pruned: v is -0.0 (no live entry's v can be)."""
+        return v.to(tl.int32, bitcast=True) == -2147483648
+
+    @triton.jit
+    def _neg_zero(offs):
+        """-0.0 in the shape of ``offs`` (a store value marking pruned entries)."""
+        return (offs * 0 - 2147483648).to(tl.int32).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _adam(w, g, m, v, vmax, flags, s_ptr, EXACT: tl.constexpr):
         """One Adam/AdamW update of a block, as torch.optim's foreach path orders it."""
         decay = tl.load(s_ptr + 0)
@@ -121,7 +131,9 @@ if triton is not None:
         masked = (flags & 1) != 0
         amsgrad = (flags & 2) != 0
         coupled = (flags & 4) != 0
-        g = tl.where(masked & (w == 0.0) & (v == 0.0), 0.0, g)
+        pruned = masked & _pruned(v)
+        v_in = v
+        g = tl.where(pruned, 0.0, g)
         # coupled (Adam): g += wd * w; decoupled (AdamW): w *= 1 - lr * wd
         g = tl.where(coupled, g + decay * w, g)
         w = tl.where(coupled, w, w * decay)
@@ -129,6 +141,7 @@ if triton is not None:
         m = tl.where(c1 < 0.5, m + c1 * (g - m), g - (g - m) * (1.0 - c1))
         v = v * beta2
         v = v + c2 * (g * g)
+        v = tl.where(pruned, v_in, v)  # keeps -0.0
         vmax = tl.where(amsgrad, tl.maximum(vmax, v), vmax)
         vd = tl.where(amsgrad, vmax, v)
         denom = _div(_sqrt(vd, EXACT), bc2_sqrt, EXACT) + eps
@@ -144,7 +157,7 @@ if triton is not None:
             score = tl.abs(w)
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)
         key = tl.minimum(bits + 1, 2147483647)
-        return tl.where((w == 0.0) & (v == 0.0), 0, key)
+        return tl.where(_pruned(v), 0, key)
 
     @triton.jit
     def _ptr(row, col, HINT: tl.constexpr):
@@ -169,10 +182,11 @@ if triton is not None:
 
     @triton.jit
     def _zero(w_ptr, m_ptr, v_ptr, x_ptr, offs, mask, amsgrad):
-        """Prune entries: w, m, v (and v_max with AMSGrad) set to 0 where ``mask``."""
+        """Prune entries: w, m (and v_max with AMSGrad) set to 0 and v to -0.0 where
+        ``mask``."""
         tl.store(w_ptr + offs, 0.0, mask=mask)
         tl.store(m_ptr + offs, 0.0, mask=mask)
-        tl.store(v_ptr + offs, 0.0, mask=mask)
+        tl.store(v_ptr + offs, _neg_zero(offs), mask=mask)
         tl.store(x_ptr + offs, 0.0, mask=mask & amsgrad)
 
     @triton.jit

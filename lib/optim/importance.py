@@ -46,6 +46,9 @@ class ImportanceInfo:
     fn: ScoreFn
     budget_factor_default: float
     description: str
+    # Whether the score reads the moments (then a mask update on a step where the base
+    # resets them, SPAM's momentum reset, ranks before that reset).
+    uses_moments: bool = True
 
 
 IMPORTANCE: dict[str, ImportanceInfo] = {
@@ -54,12 +57,12 @@ IMPORTANCE: dict[str, ImportanceInfo] = {
         "hybrid: w^2 * |m| / (sqrt(v) + eps)"),
     "bitter1": ImportanceInfo(
         "bitter1", magnitude_score, 1.0,
-        "pure magnitude: |w|"),
+        "pure magnitude: |w|", uses_moments=False),
     # 1.21 is the seed's setting (12,100 vs 10,000 GPT-2 iterations): the compute
     # a cheaper pruning step saves, spent on more iterations.
     "bitter2": ImportanceInfo(
         "bitter2", magnitude_score, 1.21,
-        "scale-aware: |w|, with the step budget multiplied by 1.21"),
+        "scale-aware: |w|, with the step budget multiplied by 1.21", uses_moments=False),
 }
 
 

@@ -154,6 +154,11 @@ class AdamWSpam(Optimizer):
         """Number of completed calls to :meth:`step` (T in the SPAM rules)."""
         return self.param_groups[0]["spam_step"]
 
+    def resets_moments_next_step(self) -> bool:
+        """Whether the next :meth:`step` starts with a momentum reset (rule 1)."""
+        count = self.global_step + 1
+        return any(count % group["reset_interval"] == 0 for group in self.param_groups)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one SPAM step; `closure` re-evaluates the model and returns the loss."""

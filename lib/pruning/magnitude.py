@@ -20,6 +20,11 @@ class MagnitudePruner(Pruner):
     and a tensor hook zeroes its gradient before it is accumulated into
     ``p.grad``; with w = g = state = 0 no optimizer (momentum, coupled or
     decoupled decay, AMSGrad) can revive it, so no per-step re-masking is needed.
+    Without an optimizer (``optimizer=None``, as torch.ao.pruning's sparsifiers are
+    used) its state cannot be zeroed, and momentum would move pruned weights again:
+    the masks are then re-applied to the weights after every step. On an update step
+    the gradient already in ``p.grad`` is masked too, so calling ``pruner.step()``
+    before ``optimizer.step()`` does not revive the entries just pruned.
 
     Buffers: one bool mask per prunable tensor (True = pruned), 1 B/entry.
     Build the pruner after the model is on its device.
@@ -35,6 +40,14 @@ class MagnitudePruner(Pruner):
             name: torch.zeros_like(p, dtype=torch.bool) for name, _, p in self.prunable}
         self._hooks = [p.register_hook(self._gradient_masker(name))
                        for name, _, p in self.prunable]
+        self._masked = False  # some entry is pruned (then re-masking without optimizer)
+
+    def step(self) -> None:
+        super().step()
+        if self.optimizer is None and self._masked:
+            with torch.no_grad():
+                for name, _, p in self.prunable:
+                    p.masked_fill_(self.masks[name], 0)
 
     def _gradient_masker(self, name: str):
         def mask_gradient(grad: torch.Tensor) -> torch.Tensor:
@@ -54,7 +67,10 @@ class MagnitudePruner(Pruner):
             mask = self.masks[name]
             mask |= new  # equals `new` while the schedule is non-decreasing
             p.masked_fill_(mask, 0)
+            if p.grad is not None:
+                p.grad.masked_fill_(mask, 0)
             zero_optimizer_state(self.optimizer, p, mask)
+        self._masked = self._masked or sparsity > 0
 
     def memory_bytes(self) -> dict[str, int]:
         return {"masks": sum(m.numel() * m.element_size() for m in self.masks.values())}
@@ -65,6 +81,7 @@ class MagnitudePruner(Pruner):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._load_named(state["masks"], self.masks, "masks")
+        self._masked = any(bool(m.any()) for m in self.masks.values())
 
     def remove(self) -> None:
         """Remove the gradient hooks (the weights keep their zeros)."""
