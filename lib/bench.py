@@ -320,7 +320,8 @@ def _shape_result(name: str, methods: list[Method], hooks: dict, n_params: int, 
             ratios[f"{m.name}_ramp"] = normal / statistics.median(base.normal)
             ratios[f"{m.name}_after"] = after / statistics.median(base.after)
             if m.name in hooks:
-                ratios[f"{m.name}_with_hooks"] = (normal + hooks[m.name]["median_ms"] / 1e3) / adamw
+                ratios[f"{m.name}_with_hooks"] = ((normal + hooks[m.name]["median_ms"] / 1e3)
+                                                  / statistics.median(base.normal))
     result = {"parameters": n_params, "steps": steps, "hooks": hooks, "step_ratio_vs_adamw": ratios,
               "mask_update_fraction": fractions,
               "extra_state_bytes_per_param": extra_bytes(methods, n_params),

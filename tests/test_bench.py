@@ -26,9 +26,12 @@ def bench(tmp_path_factory):
 def test_json_holds_the_four_headline_figures(bench):
     result, _ = bench
     ratios = result["step_ratio_vs_adamw"]["gpt2-mini"]
-    for key in ("adamwprune_ramp", "adamwprune_after", "magnitude_ramp", "movement_after"):
+    for key in ("adamwprune_ramp", "adamwprune_after", "magnitude_ramp", "movement_after",
+                "adamwprune_clip_ramp", "adamwprune_clip_after"):
         assert ratios[key] > 0
-    assert 0 <= result["mask_update_fraction"]["gpt2-mini"]["adamwprune"] < 1
+    assert "adamw_clip_ramp" not in ratios  # the clipping rows' baseline
+    # an amortised difference of two medians: noise on a loaded machine can make it < 0
+    assert -1 < result["mask_update_fraction"]["gpt2-mini"]["adamwprune"] < 1
     assert result["engine_overhead_ratio"] > 0
     extra = result["extra_state_bytes_per_param"]["gpt2-mini"]
     assert extra["adamwprune"] == 0.0  # pruned entries recognised from the state
@@ -38,7 +41,8 @@ def test_json_holds_the_four_headline_figures(bench):
 def test_every_method_reached_the_target_in_the_timed_steps(bench):
     result, stdout = bench
     shape = result["shapes"]["gpt2-mini"]
-    assert set(shape["sparsity_after_ramp"]) == {"adamwprune", "magnitude", "movement"}
+    assert set(shape["sparsity_after_ramp"]) == {"adamwprune", "adamwprune_clip", "magnitude",
+                                                 "movement"}
     for method, sparsity in shape["sparsity_after_ramp"].items():
         assert sparsity == pytest.approx(TARGET, abs=1e-3), method
     assert "sparsity after the ramp (target 0.9)" in stdout
@@ -47,5 +51,6 @@ def test_every_method_reached_the_target_in_the_timed_steps(bench):
 @pytest.mark.skipif(cpu_kernels.load() is None, reason="no C compiler: the plain path runs")
 def test_adamwprune_updates_ran_in_the_fused_cpu_kernel(bench):
     result, _ = bench
-    paths = result["shapes"]["gpt2-mini"]["update_paths"]["adamwprune"]
-    assert set(paths) == {"cpu-fused"} and paths["cpu-fused"] > 100, paths
+    for method in ("adamwprune", "adamwprune_clip"):  # clipping keeps the step fused
+        paths = result["shapes"]["gpt2-mini"]["update_paths"][method]
+        assert set(paths) == {"cpu-fused"} and paths["cpu-fused"] > 100, (method, paths)
