@@ -1,0 +1,148 @@
+"""RigL and SET against hand-checked cases and their invariants."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from adamwprune import param_groups
+from adamwprune.pruning.dst import RigLPruner, SETPruner, drop_fraction_at
+
+
+def test_drop_fraction_decays_by_cosine_to_zero_at_the_end():
+    assert drop_fraction_at(0, 0.3, 100) == pytest.approx(0.3)
+    assert drop_fraction_at(50, 0.3, 100) == pytest.approx(0.15)
+    assert drop_fraction_at(25, 0.3, 100) == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
+    assert drop_fraction_at(100, 0.3, 100) == pytest.approx(0.0)
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("cls", [RigLPruner, SETPruner])
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_sparse_from_step_zero_with_exact_counts_per_layer(cls, distribution):
+    model = _net()
+    pruner = cls(model, 0.8, 0, 30, 10, distribution=distribution)
+    for (name, _, p), density in zip(pruner.prunable, pruner.densities):
+        active = int((~pruner.masks[name]).sum())
+        assert active == round(density * p.numel())
+        assert not p[pruner.masks[name]].any()
+    if distribution == "uniform":
+        assert all(d == pytest.approx(0.2) for d in pruner.densities)
+
+
+def test_rigl_drops_the_smallest_weights_and_grows_the_largest_gradients():
+    layer = nn.Linear(4, 2, bias=False)
+    grad = torch.tensor([[0.1, 0.9, -0.2, 0.05], [0.3, -0.8, 0.0, 0.7]])
+    layer.weight.register_hook(lambda g: g * 0 + grad)  # before the pruner's: "backward" gives grad
+    pruner = RigLPruner(layer, 0.5, 0, 20, 10, drop_fraction=1.0, distribution="uniform")
+    with torch.no_grad():  # the active set is what the random initial mask chose
+        active = ~pruner.masks["weight"]
+        layer.weight.copy_(torch.tensor([[0.5, -0.1, 0.3, 0.2], [-0.4, 0.05, 0.6, -0.7]]))
+        layer.weight.masked_fill_(~active, 0)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0)  # lr 0: the weights stay as set
+    pruner.attach(opt)
+    pruner.t = 9  # the next step() is the update at t = 10: alpha_t = 1.0 / 2
+    layer(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    w = layer.weight.detach().clone()
+    pruner.step()
+    n_active = int(active.sum())
+    k = round(0.5 * n_active)
+    flat_active = active.flatten()
+    order = sorted(range(8), key=lambda i: (abs(float(w.flatten()[i])), i))
+    dropped = [i for i in order if flat_active[i]][:k]
+    kept = [i for i in range(8) if flat_active[i] and i not in dropped]
+    candidates = [i for i in range(8) if i not in kept]
+    grown = sorted(candidates, key=lambda i: (-abs(float(grad.flatten()[i])), i))[:k]
+    expected = torch.ones(8, dtype=torch.bool)
+    expected[kept + grown] = False
+    assert torch.equal(pruner.masks["weight"].flatten(), expected)
+    assert int((~pruner.masks["weight"]).sum()) == n_active  # constant sparsity
+    after = layer.weight.detach().flatten()
+    for i in range(8):  # grown at 0 unless it was active before; kept keep their value
+        if i in kept or (i in grown and flat_active[i]):
+            assert after[i] == w.flatten()[i]
+        else:
+            assert after[i] == 0
+
+
+def _train(model, opt, pruner, steps, start=0):
+    for t in range(start, start + steps):
+        gen = torch.Generator().manual_seed(t)
+        x = torch.randn(16, 12, generator=gen)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.step()
+
+
+@pytest.mark.parametrize("cls", [RigLPruner, SETPruner])
+def test_constant_sparsity_at_every_step_while_masks_change(cls):
+    model = _net(1)
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-2)
+    pruner = cls(model, 0.7, 0, 60, 5, optimizer=opt)
+    counts = {name: int((~m).sum()) for name, m in pruner.masks.items()}
+    first = {name: m.clone() for name, m in pruner.masks.items()}
+    for _ in range(12):
+        _train(model, opt, pruner, 5, start=pruner.t)
+        assert {name: int((~m).sum()) for name, m in pruner.masks.items()} == counts
+        for name, _, p in pruner.prunable:
+            assert not p[pruner.masks[name]].any()
+            state = opt.state[p]
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert not state[key][pruner.masks[name]].any()
+    assert any(not torch.equal(first[n], m) for n, m in pruner.masks.items()), "masks never changed"
+
+
+@pytest.mark.parametrize("cls", [RigLPruner, SETPruner])
+def test_resume_from_state_dicts_is_bit_exact(cls):
+    def build():
+        model = _net(2)
+        opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-2)
+        return model, opt, cls(model, 0.6, 0, 40, 4, optimizer=opt, seed=7)
+
+    model, opt, pruner = build()
+    _train(model, opt, pruner, 10)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), pruner.state_dict()))
+    _train(model, opt, pruner, 20, start=10)
+    model2, opt2, pruner2 = build()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    pruner2.load_state_dict(saved[2])
+    _train(model2, opt2, pruner2, 20, start=10)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(pruner.masks[n], pruner2.masks[n]) for n in pruner.masks)
+
+
+def test_set_draws_depend_on_the_seed():
+    masks = []
+    for seed in (1, 1, 2):
+        model = _net(3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        pruner = SETPruner(model, 0.5, 0, 30, 3, optimizer=opt, seed=seed)
+        _train(model, opt, pruner, 9)
+        masks.append(torch.cat([m.flatten() for m in pruner.masks.values()]))
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+
+
+def test_without_an_optimizer_the_masks_hold():
+    model = _net(4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = RigLPruner(model, 0.75, 0, 30, 3)  # no optimizer: re-masked after each step
+    _train(model, opt, pruner, 20)
+    for name, _, p in pruner.prunable:
+        assert not p[pruner.masks[name]].any()
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="drop_fraction"):
+        RigLPruner(_net(), 0.5, 0, 10, 2, drop_fraction=1.5)
+    with pytest.raises(ValueError, match="distribution"):
+        SETPruner(_net(), 0.5, 0, 10, 2, distribution="gaussian")
