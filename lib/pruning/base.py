@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from adamwprune.params import prunable_parameters
 from adamwprune.pruning.schedule import (is_update_step, sparsity_at,
                                          validate_schedule)
+from adamwprune.pruning.patterns import MaskRule
 from adamwprune.pruning.selection import validate_scope
 
 Prunable = list[tuple[str, nn.Module, torch.Tensor]]
@@ -90,7 +91,8 @@ class Pruner:
     def __init__(self, model: nn.Module, target_sparsity: float, start_step: int,
                  end_step: int, interval: int, schedule: str = "cubic",
                  scope: str = "global", prune_embeddings: bool = False,
-                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 pattern: str = "unstructured") -> None:
         validate_schedule(target_sparsity, start_step, end_step, schedule)
         _check_int("pruning interval", interval, 1)
         validate_scope(scope)
@@ -103,6 +105,9 @@ class Pruner:
         self.scope = scope
         self.prune_embeddings = prune_embeddings
         self.prunable: Prunable = prunable_parameters(model, prune_embeddings)
+        # scope + pattern: how an update chooses (adamwprune.pruning.patterns)
+        self.rule = MaskRule([p.shape for _, _, p in self.prunable], self._target, scope, pattern)
+        self.pattern = pattern
         self.t = 0
         self.optimizer: Optional[torch.optim.Optimizer] = None
         if optimizer is not None:
@@ -131,6 +136,10 @@ class Pruner:
     def current_sparsity(self) -> float:
         """Exact zeros / numel over the prunable effective weights."""
         return measure_sparsity(self.prunable)
+
+    def dense_tensors(self) -> list[str]:
+        """Prunable tensors the pattern leaves dense (N:M groups do not tile them)."""
+        return [self.prunable[i][0] for i in self.rule.dense()]
 
     def memory_bytes(self) -> dict[str, int]:
         raise NotImplementedError
@@ -164,9 +173,10 @@ class NoPruner(Pruner):
     def __init__(self, model: nn.Module, target_sparsity: float = 0.0, start_step: int = 0,
                  end_step: int = 0, interval: int = 1, schedule: str = "cubic",
                  scope: str = "global", prune_embeddings: bool = False,
-                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 pattern: str = "unstructured") -> None:
         super().__init__(model, 0.0, start_step, max(end_step, start_step), interval,
-                         schedule, scope, prune_embeddings, optimizer)
+                         schedule, scope, prune_embeddings, optimizer, pattern)
 
     def step(self) -> None:
         self.t += 1

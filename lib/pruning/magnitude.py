@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from adamwprune.pruning.base import Pruner, zero_optimizer_state
-from adamwprune.pruning.selection import prune_masks
 
 
 class MagnitudePruner(Pruner):
@@ -33,9 +32,10 @@ class MagnitudePruner(Pruner):
     def __init__(self, model: nn.Module, target_sparsity: float, start_step: int,
                  end_step: int, interval: int, schedule: str = "cubic",
                  scope: str = "global", prune_embeddings: bool = False,
-                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 pattern: str = "unstructured") -> None:
         super().__init__(model, target_sparsity, start_step, end_step, interval, schedule,
-                         scope, prune_embeddings, optimizer)
+                         scope, prune_embeddings, optimizer, pattern)
         self.masks: dict[str, torch.Tensor] = {
             name: torch.zeros_like(p, dtype=torch.bool) for name, _, p in self.prunable}
         self._hooks = [p.register_hook(self._gradient_masker(name))
@@ -61,7 +61,7 @@ class MagnitudePruner(Pruner):
             score = p.detach().abs()
             score.masked_fill_(self.masks[name], float("-inf"))
             scores.append(score)
-        pruned = prune_masks(scores, sparsity, self.scope)
+        pruned = self.rule.masks(scores, sparsity)
         del scores
         for (name, _, p), new in zip(self.prunable, pruned):
             mask = self.masks[name]

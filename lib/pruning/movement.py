@@ -11,7 +11,6 @@ from torch.nn.utils import parametrize
 from adamwprune.params import weight_parameter
 from adamwprune.pruning.base import Pruner, zero_optimizer_state
 from adamwprune.pruning.schedule import last_update_step
-from adamwprune.pruning.selection import prune_masks
 
 
 class MovementMask(nn.Module):
@@ -73,9 +72,10 @@ class MovementPruner(Pruner):
     def __init__(self, model: nn.Module, target_sparsity: float, start_step: int,
                  end_step: int, interval: int, schedule: str = "cubic",
                  scope: str = "global", prune_embeddings: bool = False,
-                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 pattern: str = "unstructured") -> None:
         super().__init__(model, target_sparsity, start_step, end_step, interval, schedule,
-                         scope, prune_embeddings, optimizer)
+                         scope, prune_embeddings, optimizer, pattern)
         self._masks: dict[str, MovementMask] = {}
         modules = list(model.modules())  # registering adds modules; iterate a snapshot
         for name, _, param in self.prunable:
@@ -107,7 +107,7 @@ class MovementPruner(Pruner):
     def _update_masks(self, sparsity: float) -> None:
         self._average_scores_across_ranks()
         maskers = [self._masks[name] for name, _, _ in self.prunable]
-        pruned = prune_masks([m.scores for m in maskers], sparsity, self.scope)
+        pruned = self.rule.masks([m.scores for m in maskers], sparsity)
         for masker, new in zip(maskers, pruned):
             masker.mask.copy_(new)
 

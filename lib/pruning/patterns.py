@@ -139,3 +139,48 @@ def _numel(shape: Sequence[int]) -> int:
     for size in shape:
         n *= size
     return n
+
+
+class MaskRule:
+    """How one mask update chooses, for a fixed list of tensors: the scope (one global
+    ranking, per tensor, or per tensor at its ERK sparsity) and the pattern
+    (unstructured, or N:M groups). ``masks(scores, s)`` returns the bool masks
+    (True = pruned) for the scheduled sparsity s of the run, whose target is
+    ``target``: unstructured pruning removes round(s * N) entries in the scope; N:M
+    makes round(s / target * G) groups N:M (``target`` must then be 1 - N/M)."""
+
+    def __init__(self, shapes: Sequence[Sequence[int]], target: float, scope: str = "global",
+                 pattern: str = UNSTRUCTURED) -> None:
+        from adamwprune.pruning.selection import validate_scope
+
+        validate_scope(scope)
+        self.nm = parse_pattern(pattern)
+        self.pattern, self.scope, self.target = pattern, scope, float(target)
+        if self.nm is not None:
+            if scope == "erk":
+                raise ValueError(f"the ERK scope does not apply to the {pattern} pattern (its groups "
+                                 "fix every layer's density); use scope 'global' or 'layer'")
+            if self.target and abs(self.target - nm_sparsity(pattern)) > 1e-9:
+                raise ValueError(f"pattern {pattern} prunes to {nm_sparsity(pattern):g}: pass "
+                                 f"target_sparsity={nm_sparsity(pattern):g}, not {self.target:g}")
+        self.shapes = [tuple(s) for s in shapes]
+        self.densities = (erk_densities(self.shapes, self.target) if scope == "erk" and self.target
+                          else None)
+
+    def dense(self) -> list[int]:
+        """Indices of the tensors the pattern leaves dense (N:M groups do not tile them)."""
+        if self.nm is None:
+            return []
+        return [i for i, s in enumerate(self.shapes) if not nm_applies(s, self.nm[1])]
+
+    def masks(self, scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+        from adamwprune.pruning.selection import prune_masks
+
+        if self.nm is not None:
+            fraction = min(1.0, sparsity / self.target) if self.target else 0.0
+            return nm_masks(scores, *self.nm, fraction, self.scope)
+        if self.scope == "erk":
+            scale = sparsity / self.target if self.target else 0.0
+            return [prune_masks([s], min(1.0, scale * (1.0 - d)), "layer")[0]
+                    for s, d in zip(scores, self.densities or [1.0] * len(scores))]
+        return prune_masks(scores, sparsity, self.scope)

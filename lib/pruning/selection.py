@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "erk")
 
 
 def validate_scope(scope: str) -> None:
@@ -75,7 +75,9 @@ def prune_masks(scores: list[torch.Tensor], sparsity: float, scope: str = "globa
     Lowest scores are pruned; ties go to the lower index. Scores are not modified.
     Give already-pruned entries ``-inf`` to keep masks monotone.
     """
-    validate_scope(scope)
+    if scope not in ("global", "layer"):
+        raise ValueError(f"prune_masks ranks globally or per layer, not {scope!r} (the ERK "
+                         "scope's per-layer sparsities: adamwprune.pruning.patterns.MaskRule)")
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     if not scores:
