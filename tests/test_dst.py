@@ -146,3 +146,89 @@ def test_bad_arguments_are_refused():
         RigLPruner(_net(), 0.5, 0, 10, 2, drop_fraction=1.5)
     with pytest.raises(ValueError, match="distribution"):
         SETPruner(_net(), 0.5, 0, 10, 2, distribution="gaussian")
+
+
+# ------------------------------------------------------- AdamWPrune that regrows
+def _regrow_opt(model, **kw):
+    from adamwprune import AdamWPrune
+
+    kw = {"lr": 1e-2, "target_sparsity": 0.7, "start_step": 0, "end_step": 60, "interval": 5,
+          "regrow": "gradient", "variant": "bitter0", **kw}
+    return AdamWPrune(param_groups(model, 0.01), **kw)
+
+
+class _NoPruner:
+    def step(self):
+        pass
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_adamwprune_regrow_keeps_each_layers_sparsity_while_masks_change(distribution):
+    model = _net(5)
+    opt = _regrow_opt(model, distribution=distribution)
+    items = opt._prunable()
+    counts = [int(opt.pruned_entries(p).sum()) for p, _ in items]
+    first = [opt.pruned_entries(p).clone() for p, _ in items]
+    for _ in range(12):
+        _train(model, opt, _NoPruner(), 5, start=opt.pruning_step)
+        assert [int(opt.pruned_entries(p).sum()) for p, _ in items] == counts
+        for p, _ in items:
+            mask = opt.pruned_entries(p)
+            assert not p[mask].any() and not opt.state[p]["exp_avg"][mask].any()
+    assert any(not torch.equal(a, opt.pruned_entries(p)) for a, (p, _) in zip(first, items))
+
+
+def test_adamwprune_regrow_drops_by_importance_and_grows_by_gradient():
+    from adamwprune.optim.importance import magnitude_score
+
+    layer = nn.Linear(4, 2, bias=False)
+    opt = _regrow_opt(layer, target_sparsity=0.5, end_step=20, interval=10, drop_fraction=1.0,
+                      variant="bitter1", distribution="uniform", lr=0.0, weight_decay=0.0)
+    (p, _), = opt._prunable()
+    old = opt.pruned_entries(p).clone()
+    with torch.no_grad():
+        p.copy_(torch.tensor([[0.5, -0.1, 0.3, 0.2], [-0.4, 0.05, 0.6, -0.7]]))
+        p.masked_fill_(old, 0)
+    opt.pruning_step = 9  # the next step (t = 10) regrows with alpha_t = 0.5
+    p.grad = torch.tensor([[0.1, 0.9, -0.2, 0.05], [0.3, -0.8, 0.0, 0.7]])
+    w = p.detach().clone()
+    opt.step()
+    active = ~old.flatten()
+    k = round(0.5 * int(active.sum()))
+    score = magnitude_score(w, None, None, 0.0).flatten()
+    dropped = sorted([i for i in range(8) if active[i]], key=lambda i: (float(score[i]), i))[:k]
+    kept = [i for i in range(8) if active[i] and i not in dropped]
+    grown = sorted([i for i in range(8) if i not in kept],
+                   key=lambda i: (-abs(float(p.grad.flatten()[i])), i))[:k]
+    expected = torch.ones(8, dtype=torch.bool)
+    expected[kept + grown] = False
+    assert torch.equal(opt.pruned_entries(p).flatten(), expected)
+
+
+def test_adamwprune_regrow_resumes_bit_exactly():
+    def build():
+        model = _net(6)
+        return model, _regrow_opt(model, seed=3)
+
+    model, opt = build()
+    _train(model, opt, _NoPruner(), 12)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    _train(model, opt, _NoPruner(), 20, start=12)
+    model2, opt2 = build()
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    _train(model2, opt2, _NoPruner(), 20, start=12)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_adamwprune_regrow_refuses_options_that_do_not_apply():
+    from adamwprune import AdamWPrune
+
+    model = _net()
+    for kw, match in (({"scope": "layer"}, "distribution"), ({"pattern": "2:4"}, "unstructured"),
+                      ({"target_sparsity": 0.0}, "sparse from step 0"),
+                      ({"regrow": "random"}, "unknown regrow")):
+        with pytest.raises(ValueError, match=match):
+            AdamWPrune(param_groups(model, 0.0), **{"regrow": "gradient", "target_sparsity": 0.5,
+                                                    "end_step": 10, **kw})

@@ -119,3 +119,25 @@ def test_srste_trains_at_exact_2_4_and_keeps_dense_weights():
     assert int((dense == 0).sum()) == 0  # the pruned entries are kept and trained
     with pytest.raises(ValueError, match="N:M"):
         SRSTEPruner(Net(), pattern="unstructured")
+
+
+def test_adamwprune_bitter1_at_2_4_trains_as_adamw_plus_magnitude_at_2_4():
+    from adamwprune import AdamWPrune
+
+    models = [Net() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opt_a = AdamWPrune(param_groups(models[0], 0.01), lr=1e-2, variant="bitter1",
+                       target_sparsity=0.5, start_step=2, end_step=20, interval=2, pattern="2:4")
+    opt_b = torch.optim.AdamW(param_groups(models[1], 0.01), lr=1e-2)
+    pruner_b = MagnitudePruner(models[1], 0.5, 2, 20, 2, optimizer=opt_b, pattern="2:4")
+
+    class Count:
+        def step(self):
+            pass
+
+    _train(models[0], opt_a, Count(), 25)
+    _train(models[1], opt_b, pruner_b, 25)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    assert (_groups(models[0].fc.weight) == 2).all()
+    assert opt_a.dense_tensors() == ["odd.weight"]

@@ -17,6 +17,9 @@ from adamwprune.optim.importance import get_importance, hybrid_score, magnitude_
 from adamwprune.pruning.base import zero_optimizer_state
 from adamwprune.pruning.schedule import (is_update_step, last_update_step, sparsity_at,
                                          validate_schedule)
+from adamwprune.optim import regrow as regrowth
+from adamwprune.pruning.dst import drop_fraction_at
+from adamwprune.pruning.patterns import DISTRIBUTIONS, MaskRule
 from adamwprune.pruning.selection import num_to_prune, prune_masks, validate_scope
 
 
@@ -73,6 +76,28 @@ ENCODING = "exp_avg_sq=-0.0"
 def pruned_in(exp_avg_sq: torch.Tensor) -> torch.Tensor:
     """Bool mask of the entries whose ``exp_avg_sq`` marks them pruned (-0.0)."""
     return torch.signbit(exp_avg_sq) & (exp_avg_sq == 0)
+
+
+def _check_regrow(regrow, scope, pattern, target, drop_fraction, distribution) -> None:
+    """The options of AdamWPrune as a dynamic sparse trainer (or their absence)."""
+    if regrow is None:
+        return
+    if regrow not in regrowth.REGROW:
+        raise ValueError(f"unknown regrow {regrow!r}; valid: None or "
+                         f"{', '.join(map(repr, regrowth.REGROW))}")
+    if scope not in (None, "global"):
+        raise ValueError(f"scope {scope!r} does not apply with regrow: distribution= "
+                         "(uniform or erk) sets each layer's density")
+    if pattern != "unstructured":
+        raise ValueError("regrow trains an unstructured mask; pattern must be 'unstructured'")
+    if not target > 0:
+        raise ValueError("regrow needs target_sparsity > 0 (the run is sparse from step 0)")
+    if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, Real) or \
+            not 0.0 <= drop_fraction <= 1.0:
+        raise ValueError(f"drop_fraction must be a number in [0, 1], got {drop_fraction!r}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown layer distribution {distribution!r}; valid: "
+                         f"{', '.join(DISTRIBUTIONS)}")
 
 
 def _check_int(label: str, value: Any, low: int) -> None:
@@ -167,8 +192,10 @@ class AdamWPrune(torch.optim.Optimizer):
                  weight_decay: Optional[float] = None, base: str = "adamw",
                  variant: str = "bitter0", target_sparsity: float = 0.0, start_step: int = 0,
                  end_step: Optional[int] = None, interval: int = 100, schedule: str = "cubic",
-                 scope: str = "global", amsgrad: Optional[bool] = None,
+                 scope: Optional[str] = None, amsgrad: Optional[bool] = None,
                  budget_factor: Optional[float] = None, fast: Optional[bool] = None,
+                 pattern: str = "unstructured", regrow: Optional[str] = None,
+                 drop_fraction: float = 0.3, distribution: str = "erk", seed: int = 0,
                  **base_kwargs: Any) -> None:
         if base not in BASES:
             raise ValueError(f"unknown AdamWPrune base {base!r}; valid: {', '.join(BASES)}")
@@ -181,6 +208,8 @@ class AdamWPrune(torch.optim.Optimizer):
             end_step = start_step
         validate_schedule(target_sparsity, start_step, end_step, schedule)
         _check_int("pruning interval", interval, 1)
+        _check_regrow(regrow, scope, pattern, target_sparsity, drop_fraction, distribution)
+        scope = scope or "global"
         validate_scope(scope)
         if budget_factor is not None and (isinstance(budget_factor, bool) or not isinstance(
                 budget_factor, Real) or not budget_factor > 0):
@@ -216,6 +245,11 @@ class AdamWPrune(torch.optim.Optimizer):
         self.target_sparsity = float(target_sparsity)
         self.start_step, self.end_step, self.interval = int(start_step), int(end_step), int(interval)
         self.schedule, self.scope = schedule, scope
+        self.pattern, self.regrow = pattern, regrow
+        self.drop_fraction, self.distribution, self.seed = float(drop_fraction), distribution, seed
+        # scope + pattern of a mask update (adamwprune.pruning.patterns)
+        self.rule = MaskRule([p.shape for p, _ in self._prunable()], self.target_sparsity, scope,
+                             pattern)
         self._budget_factor = budget_factor
         self._info = info
         self._grad_scale: Optional[float] = None  # clip_grad_norm_'s factor for the next step
@@ -238,6 +272,19 @@ class AdamWPrune(torch.optim.Optimizer):
         if self.target_sparsity > 0 and not any(g["prune"] for g in self.param_groups):
             raise ValueError("target_sparsity > 0 but no param group has \"prune\": True; build "
                              "the groups with adamwprune.params.param_groups(model, ...)")
+        if regrow:
+            regrowth.initial_masks(self, self._ensure_state)
+
+    def _ensure_state(self, p: torch.Tensor, group: dict) -> None:
+        """The encoding lives in v: a tensor without state gets the base's state."""
+        if not self.state[p]:
+            _init_adam_state(self.state[p], p, group, self._info.step_dtype)
+
+    def dense_tensors(self) -> list[str]:
+        """Prune-group tensors the pattern leaves dense (N:M groups do not tile them)."""
+        names = [name for g in self.param_groups if g["prune"]
+                 for name in g.get("param_names", [None] * len(g["params"]))]
+        return [names[i] or f"tensor {i}" for i in self.rule.dense()]
 
     @property
     def step_budget_factor(self) -> float:
@@ -263,7 +310,10 @@ class AdamWPrune(torch.optim.Optimizer):
         return [(p, g) for g in self.param_groups if g["prune"] for p in g["params"]]
 
     def masks_in_force(self) -> bool:
-        """Whether some update step with sparsity > 0 has been taken."""
+        """Whether some update step with sparsity > 0 has been taken (with regrowth:
+        always, the run is sparse from step 0)."""
+        if self.regrow:
+            return self.target_sparsity > 0
         last = last_update_step(self.pruning_step, self.start_step, self.end_step, self.interval)
         return last is not None and self._sparsity_at(last) > 0
 
@@ -290,7 +340,11 @@ class AdamWPrune(torch.optim.Optimizer):
         update = self.target_sparsity > 0 and is_update_step(
             t, self.start_step, self.end_step, self.interval)
         sparsity = self._sparsity_at(t) if update else None
-        if update and self._rank_before_step():
+        if self.regrow:
+            if update and t < self.end_step:  # drop and grow, then the step trains the grown
+                regrowth.update(self, drop_fraction_at(t, self.drop_fraction, self.end_step))
+            update = False
+        elif update and self._rank_before_step():
             # The base zeroes m and v in this step (SPAM's reset): a score that reads
             # them ranks the moments it has now, not the ones the reset leaves.
             self._prune(sparsity)
@@ -345,6 +399,8 @@ class AdamWPrune(torch.optim.Optimizer):
         max_norm, norm_type = float(max_norm), float(norm_type)
         self._grad_scale = None
         in_force = self.masks_in_force()
+        if self.regrow and self._regrow_next():
+            return self._clip_keeping_dense(max_norm, norm_type, error_if_nonfinite)
         total = self._fast_clip(in_force, max_norm) if norm_type == 2.0 else None
         if total is not None:
             if error_if_nonfinite and not torch.isfinite(total):
@@ -359,6 +415,31 @@ class AdamWPrune(torch.optim.Optimizer):
                     p.grad.masked_fill_(self.pruned_entries(p), 0)
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+
+    def _regrow_next(self) -> bool:
+        t = self.pruning_step + 1
+        return 0 < t < self.end_step and is_update_step(t, self.start_step, self.end_step,
+                                                         self.interval)
+
+    def _clip_keeping_dense(self, max_norm: float, norm_type: float,
+                            error_if_nonfinite: bool) -> torch.Tensor:
+        """The masked norm without zeroing p.grad: the next step grows by |g| of the
+        dense gradient. The factor scales every entry (pruned ones are masked in the
+        step)."""
+        pruned = {p: self.pruned_entries(p) for p, _ in self._prunable()}
+        grads = [p.grad.masked_fill(pruned[p], 0) if p in pruned else p.grad
+                 for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        total = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g, norm_type) for g in grads]), norm_type)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(f"The total norm of order {norm_type} for gradients is "
+                               "non-finite, so it cannot be clipped")
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_([p.grad for g in self.param_groups for p in g["params"]
+                             if p.grad is not None], coef)
+        return total
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._grad_scale = None
@@ -394,9 +475,12 @@ class AdamWPrune(torch.optim.Optimizer):
     @torch.no_grad()
     def _prune(self, sparsity: float) -> None:
         prunable = self._prunable()
-        for p, group in prunable:  # the encoding lives in v: a tensor without state gets it
-            if not self.state[p]:
-                _init_adam_state(self.state[p], p, group, self._info.step_dtype)
+        for p, group in prunable:
+            self._ensure_state(p, group)
+        if self.pattern != "unstructured" or self.scope == "erk":
+            self._prune_plain(prunable, sparsity, self.rule.masks)
+            self.update_paths["plain"] += 1
+            return
         sets = [prunable] if self.scope == "global" else [[item] for item in prunable]
         kernels = self._kernels()
         for items in sets:
@@ -408,15 +492,17 @@ class AdamWPrune(torch.optim.Optimizer):
                 self._prune_plain(items, sparsity)
                 self.update_paths["plain"] += 1
 
-    def _prune_plain(self, items: list[tuple[torch.Tensor, dict]], sparsity: float) -> None:
-        """Exactly round(s * N) lowest scores of ``items`` (one ranking) pruned."""
+    def _prune_plain(self, items: list[tuple[torch.Tensor, dict]], sparsity: float,
+                     select: Optional[Callable] = None) -> None:
+        """Exactly round(s * N) lowest scores of ``items`` (one ranking) pruned, or what
+        ``select(scores, sparsity)`` (the scope and pattern's rule) chooses."""
         scores = []
         for p, group in items:
             state = self.state[p]
             score = self.importance.fn(p, state["exp_avg"], state["exp_avg_sq"], group["eps"])
             score.masked_fill_(self.pruned_entries(p), float("-inf"))
             scores.append(score)
-        masks = prune_masks(scores, sparsity, "global")
+        masks = (select or (lambda s, x: prune_masks(s, x, "global")))(scores, sparsity)
         del scores
         for (p, _), mask in zip(items, masks):
             p.masked_fill_(mask, 0)
@@ -528,7 +614,8 @@ class AdamWPrune(torch.optim.Optimizer):
         variant = FAST_SCORES.get(self.importance.fn)
         prunable = [p for p, _ in self._prunable()]
         dtypes = {p.dtype for p in prunable}
-        if variant is None or self.scope != "global" or len(dtypes) != 1:
+        if variant is None or self.scope != "global" or len(dtypes) != 1 or \
+                self.pattern != "unstructured":
             return None
         (dtype,) = dtypes
         params = work.get(dtype, (None,) * 5)[4] or []
@@ -690,7 +777,7 @@ class AdamWPrune(torch.optim.Optimizer):
         variant = FAST_SCORES.get(self.importance.fn)
         k = num_to_prune(sparsity, plan.total) if sparsity is not None else None
         if k is None or not plan.fused_prune or variant is None or self.scope != "global" \
-                or k >= plan.total:
+                or self.pattern != "unstructured" or k >= plan.total:
             gpu_kernels.launch_tiles(plan.rows, plan.gptrs, scal, plan.tile_rows,
                                      plan.tile_offs, gpu_kernels.MODE_STEP,
                                      aligned=plan.aligned)
