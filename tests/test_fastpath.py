@@ -239,3 +239,20 @@ def test_a_prunable_tensor_without_gradient_uses_the_stand_alone_update():
         train(model, optimizer, STEPS)
     assert_same(*plain, *fast)
     assert int((fast[0].conv.weight == 0).sum()) > 0
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("variant", ["bitter0", "bitter1"])
+def test_nm_updates_in_the_kernel_match_the_plain_path(scope, variant):
+    """2:4 mask updates through nm_hist/nm_apply == the plain N:M rule, in float64; the
+    conv (reduction 2 x 3 x 3 = 18) stays dense."""
+    plain, fast = (build(f, variant=variant, target_sparsity=0.5, scope=scope, pattern="2:4")
+                   for f in (False, True))
+    for model, optimizer in (plain, fast):
+        train(model, optimizer, STEPS)
+    assert fast[1].update_paths["cpu"] > 0 and "plain" not in fast[1].update_paths
+    assert_same(*plain, *fast)
+    groups = (fast[0].fc.weight == 0).reshape(-1, 4).sum(dim=1)
+    assert (groups == 2).all()
+    assert not (fast[0].conv.weight == 0).any()
+    assert fast[1].dense_tensors() == ["conv.weight"]

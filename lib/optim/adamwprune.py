@@ -19,7 +19,7 @@ from adamwprune.pruning.schedule import (is_update_step, last_update_step, spars
                                          validate_schedule)
 from adamwprune.optim import regrow as regrowth
 from adamwprune.pruning.dst import drop_fraction_at
-from adamwprune.pruning.patterns import DISTRIBUTIONS, MaskRule
+from adamwprune.pruning.patterns import DISTRIBUTIONS, MaskRule, nm_applies
 from adamwprune.pruning.selection import num_to_prune, prune_masks, validate_scope
 
 
@@ -477,6 +477,11 @@ class AdamWPrune(torch.optim.Optimizer):
         prunable = self._prunable()
         for p, group in prunable:
             self._ensure_state(p, group)
+        kernels = self._kernels()
+        if self.rule.nm is not None and kernels is not None and not self._gpu_wanted() and \
+                self._fast_prune_nm(kernels, prunable, sparsity):
+            self.update_paths["cpu"] += 1
+            return
         if self.pattern != "unstructured" or self.scope == "erk":
             self._prune_plain(prunable, sparsity, self.rule.masks)
             self.update_paths["plain"] += 1
@@ -694,19 +699,44 @@ class AdamWPrune(torch.optim.Optimizer):
             kernels.prune_apply(*args, cpu_kernels.NBINS, 0, 0)
             return True
         hist = kernels.prune_hist(dtype, ptrs, numel, eps, variant)
-        todo = k - int(hist[0])  # hist[0]: already pruned, the lowest scores (-inf)
-        if todo <= 0:
-            return True
-        below = hist[1:].cumsum(0)
-        bin_ = int(torch.searchsorted(below, todo)) + 1
-        if bin_ == cpu_kernels.NBINS - 1:  # only NaN keys live in the top bin
-            raise ValueError("pruning scores contain NaN where the k-th smallest lies; "
-                             "the run has diverged (check lr and loss)")
-        ncand = int(hist[bin_])
-        if ncand > max(FAST_MAX_CANDIDATES, total // 64):
+        cut = _threshold(hist, k, total)
+        if cut is None:
             return False
-        r = todo - (int(below[bin_ - 2]) if bin_ > 1 else 0)
-        kernels.prune_apply(*args, bin_, ncand, r)
+        if cut[0] > 0:
+            kernels.prune_apply(*args, *cut)
+        return True
+
+    def _fast_prune_nm(self, kernels: cpu_kernels.Kernels, items: list[tuple[torch.Tensor, dict]],
+                       sparsity: float) -> bool:
+        """The N:M update of ``items`` in two passes over their groups (histogram of the
+        group cost keys, then pruning), one ranking for global scope, one per tensor
+        for "layer"; False (nothing changed) where the plain path must do it."""
+        n, m = self.rule.nm
+        variant = FAST_SCORES.get(self.importance.fn)
+        tiled = [(p, g) for p, g in items if nm_applies(p.shape, m)]
+        if variant is None or m not in cpu_kernels.NM_GROUPS or len({p.dtype for p, _ in tiled}) > 1:
+            return False
+        rows = [self._fast_prune_pointers(p) for p, _ in tiled]
+        if any(row is None for row in rows):
+            return False
+        fraction = min(1.0, sparsity / self.target_sparsity) if self.target_sparsity else 0.0
+        sets = [list(range(len(tiled)))] if self.scope == "global" else [[i] for i in
+                                                                         range(len(tiled))]
+        for members in sets:
+            ptrs, numel, eps, offsets, groups = array("q"), array("q"), array("d"), array("q"), 0
+            for i in members:
+                ptrs.extend(rows[i])
+                numel.append(tiled[i][0].numel())
+                eps.append(tiled[i][1]["eps"])
+                offsets.append(groups)
+                groups += tiled[i][0].numel() // m
+            dtype = tiled[members[0]][0].dtype
+            hist = kernels.nm_hist(dtype, ptrs, numel, eps, variant, n, m)
+            cut = _threshold(hist, num_to_prune(fraction, groups), groups)
+            if cut is None:
+                return False  # (only before the first set: ties this massive are at the start)
+            if cut[0] > 0:
+                kernels.nm_apply(dtype, ptrs, numel, eps, offsets, variant, n, m, *cut)
         return True
 
     def _fast_prune_pointers(self, p: torch.Tensor) -> Optional[list[int]]:
@@ -1126,6 +1156,27 @@ def _gpu_finish(plan: _GpuPlan, scal: torch.Tensor, variant: int, bounds: torch.
                                  plan.aligned)
     gpu_kernels.scatter_zero(plan.rows, chosen, plan.bases, plan.prow)
     return True
+
+
+def _threshold(hist: torch.Tensor, k: int, total: int) -> Optional[tuple[int, int, int]]:
+    """From a histogram of the top 16 key bits (bin 0: already pruned) and the number
+    k to prune of ``total``: (bin, candidates in it, how many of them to prune), r = 0
+    when nothing is left to do (bin = NBINS: everything below is pruned); None when
+    the threshold bin holds too many candidates (massive exact ties)."""
+    if k >= total:
+        return cpu_kernels.NBINS, 0, 0
+    todo = k - int(hist[0])  # hist[0]: already pruned, the lowest scores (-inf)
+    if todo <= 0:
+        return 0, 0, 0
+    below = hist[1:].cumsum(0)
+    bin_ = int(torch.searchsorted(below, todo)) + 1
+    if bin_ == cpu_kernels.NBINS - 1:  # only NaN keys live in the top bin
+        raise ValueError("pruning scores contain NaN where the k-th smallest lies; "
+                         "the run has diverged (check lr and loss)")
+    ncand = int(hist[bin_])
+    if ncand > max(FAST_MAX_CANDIDATES, total // 64):
+        return None
+    return bin_, ncand, todo - (int(below[bin_ - 2]) if bin_ > 1 else 0)
 
 
 def _fast_group_ok(group: dict) -> bool:
