@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from . import summary as S
+from .atomic import write_file_atomic, write_text_atomic
 from .monitor import METRICS, read_timeline, sample_metrics
 from .rundir import read_json, read_jsonl
 
@@ -484,10 +485,8 @@ def model_data(model: str, runs: list[dict]) -> ModelData:
 def save_png(fig: Figure, path: Path) -> Path:
     """Write atomically; the same figure gives the same bytes (no timestamp in PNG metadata)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with mpl.rc_context(STYLE):
-        fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+        write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 
@@ -550,10 +549,8 @@ def update_graphs(matrix_dir: PathLike, images_root: PathLike = "images") -> lis
     for (model, _), png in zip(drawn, written):
         dest = images_dir(images_root) / model / png.name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-        shutil.copyfile(png, tmp)
-        os.replace(tmp, dest)
-    S.write_text_atomic(out / "report.md", render_report(path.name, records, drawn, skipped))
+        write_file_atomic(dest, lambda tmp: shutil.copyfile(png, tmp))
+    write_text_atomic(out / "report.md", render_report(path.name, records, drawn, skipped))
     return written
 
 

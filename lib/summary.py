@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .atomic import write_text_atomic
 from .rundir import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -337,12 +337,6 @@ def to_csv(rows: list[dict]) -> str:
     for r in rows:
         writer.writerow({**r, "seeds": " ".join(str(s) for s in r["seeds"])})
     return buf.getvalue()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_summary(matrix_dir) -> tuple[Path, Path]:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic import disk_error, write_text_atomic
 from .base import generator_for
 
 # A stream id of its own (prime) keeps token offsets apart from the image
@@ -111,7 +112,10 @@ class _ShardWriter:
         self.docs = {"train": 0, "val": 0}
 
     def add(self, split: str, tokens: list[int]) -> None:
-        np.asarray(tokens, dtype=np.uint16).tofile(self.files[split])
+        try:
+            np.asarray(tokens, dtype=np.uint16).tofile(self.files[split])
+        except OSError as exc:
+            raise disk_error(self.out_dir / f"{split}.bin", exc) from None
         self.tokens[split] += len(tokens)
         self.docs[split] += 1
 
@@ -127,9 +131,7 @@ class _ShardWriter:
         meta = {**meta, "dtype": "uint16",
                 **{f"{s}_tokens": n for s, n in self.tokens.items()},
                 **{f"{s}_docs": n for s, n in self.docs.items()}}
-        tmp_meta = self.out_dir / f".meta.json.{uuid.uuid4().hex[:8]}.tmp"
-        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp_meta, self.out_dir / "meta.json")
+        write_text_atomic(self.out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
         return meta
 
     def __enter__(self) -> "_ShardWriter":
