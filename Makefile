@@ -141,7 +141,7 @@ wandb-test: $(STAMP)
 	$(PY) scripts/tracker_test.py wandb --dir results/wandb-test
 
 gputop: $(STAMP)
-	$(PY) -m adamwprune.monitor --results $(or $(DIR),$$(ls -td results/*/ 2>/dev/null | grep -v '/trackio/$$' | head -1))
+	$(PY) -m adamwprune.monitor $(if $(DIR),--results $(DIR))
 
 evaluate: $(STAMP)
 	@test -n "$(RUN)" || { echo "usage: make evaluate RUN=<run dir> [DATASET=<name>] [DATA_DIR=<dir>]"; exit 2; }

@@ -14,7 +14,7 @@ from typing import Optional
 
 from . import checkpoint as ckpt
 from . import pinned
-from .config import FIELDS, Config, ConfigError
+from .config import FIELDS, Config, ConfigError, load
 from .locks import DirLock
 from .rundir import read_json, write_json_atomic
 
@@ -61,12 +61,16 @@ def load_weights(model, weights: dict, where: Path) -> None:
 
 
 def eval_config(stored: dict, dataset: Optional[str], data_dir: Optional[str]):
+    """The run's configuration with the dataset to evaluate; another dataset is
+    split as its own defaults say (the validation size decides the embedded split)."""
     cfg = Config(**{f.name: stored.get(f.name) for f in FIELDS})
     dataset = dataset or cfg.dataset
     if data_dir and dataset in DATASETS_WITHOUT_FILES:
         raise ConfigError(f"DATA_DIR={data_dir}: dataset {dataset} reads no files (it is built in), so "
                           "DATA_DIR would be ignored; drop DATA_DIR or give DATASET= a dataset that reads files")
     changes = {"dataset": dataset}
+    if dataset != cfg.dataset:
+        changes["val_size"] = load(None, {"MODEL": cfg.model, "DATASET": dataset})[0].val_size
     if data_dir:
         changes.update(data_dir=data_dir, data_download=False)
     return cfg.replace(**changes)

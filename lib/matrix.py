@@ -268,7 +268,7 @@ def progress_of(cell_dir: Path) -> str:
         print(f"  note: {path}: the last line is cut (a crash mid-write); it is ignored and dropped on resume",
               flush=True)
     step = rows[-1].get("step", 0) if rows else 0
-    return f"{step}/{total}" if total else "-"
+    return f"{step}/{total or '?'}" if total or rows else "-"
 
 
 def _cut_last_line(path: Path) -> bool:
@@ -405,6 +405,7 @@ def _run(matrix_dir: Path, meta: dict, cells: Sequence[Cell], todo: list[Cell], 
             _wait_for_holder(matrix_dir / cell.id)
             resume = (matrix_dir / cell.id / "last.pt").exists()
             running[slot] = (cell, _start(matrix_dir, cell, meta, slot, jobs, resume))
+            progress.cell_started(cell.id)
             print(f"[matrix] start  {cell.id}" + (" (resuming from last.pt)" if resume else ""), flush=True)
         time.sleep(0.2)
         for slot, (cell, proc) in list(running.items()):
@@ -413,7 +414,7 @@ def _run(matrix_dir: Path, meta: dict, cells: Sequence[Cell], todo: list[Cell], 
                 continue
             del running[slot]
             state = _finish(matrix_dir, cell, code)
-            print(f"[matrix] {state:<11} {cell.id} {progress.cell_done()}", flush=True)
+            print(f"[matrix] {state:<11} {cell.id} {progress.cell_done(cell.id)}", flush=True)
 
 
 def _wait_for_holder(cell_dir: Path, timeout_s: float = 120.0) -> None:
@@ -425,17 +426,21 @@ def _wait_for_holder(cell_dir: Path, timeout_s: float = 120.0) -> None:
 
 
 class Progress:
-    """`(k/n, ETA ...)` after each cell: the mean time per cell this runner has
-    seen, times the cells left, divided by the cells run at once."""
+    """`(k/n cells, ETA ...)` after each cell: the mean duration of the cells this
+    runner finished, times the cells not finished, over the cells run at once."""
 
     def __init__(self, total: int, finished: int, todo: int, jobs: int):
         self.total, self.finished, self.left, self.jobs = total, finished, todo, jobs
-        self.t0, self.ran = time.time(), 0
+        self.started: dict[str, float] = {}
+        self.durations: list[float] = []
 
-    def cell_done(self) -> str:
-        self.finished, self.left, self.ran = self.finished + 1, self.left - 1, self.ran + 1
-        per_cell = (time.time() - self.t0) / self.ran * min(self.jobs, self.ran)
-        eta = per_cell * self.left / self.jobs
+    def cell_started(self, cell_id: str) -> None:
+        self.started[cell_id] = time.time()
+
+    def cell_done(self, cell_id: str) -> str:
+        self.finished, self.left = self.finished + 1, self.left - 1
+        self.durations.append(time.time() - self.started.pop(cell_id))
+        eta = sum(self.durations) / len(self.durations) * self.left / self.jobs
         tail = f", ETA {_duration(eta)}" if self.left > 0 else ""
         return f"({self.finished}/{self.total} cells{tail})"
 

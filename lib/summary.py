@@ -252,6 +252,12 @@ CSV_FIELDS = (*CONFIG_KEY, "base", "method", "metric_name", "higher_is_better", 
 METRIC_UNITS = {"accuracy": "%", "perplexity": ""}
 
 
+def is_process_rss(row: dict) -> bool:
+    """Memory sampled as the process's resident set: a CPU run, where it holds torch,
+    Python and the data, and differences between methods are noise."""
+    return (row.get("memory_source") or "").endswith("process_rss")
+
+
 def fmt_num(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -272,9 +278,11 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
 def results_table(rows: list[dict]) -> list[str]:
     """The markdown table of `summarize` rows (mean ± std over completed seeds)."""
     alloc = any(r["allocator_peak_mib"] is not None for r in rows)
+    sampled = [r for r in rows if r["peak_mib"] is not None]
+    rss = " (process RSS)" if sampled and all(is_process_rss(r) for r in sampled) else ""
     header = ["model", "method", "target sparsity", "seeds", "failed", "metric",
               "best val (mean ± std)", "test at best val (mean ± std)", "measured sparsity",
-              "peak MiB", "mean MiB", *(["allocator peak MiB"] if alloc else []),
+              f"peak MiB{rss}", f"mean MiB{rss}", *(["allocator peak MiB"] if alloc else []),
               "B/param params", "B/param grads", "B/param optimizer state", "B/param pruning buffers",
               "B/param total", "ms/step"]
     lines = []
@@ -314,6 +322,10 @@ def render_markdown(name: str, records: list[dict], rows: list[dict]) -> str:
              "validation metric. Memory is the peak and mean sampled during training "
              f"({_sources(rows)}), in MiB (2^20 bytes); bytes/param per component are counted "
              "from the tensors at the end of the run.", ""]
+    if any(is_process_rss(r) for r in rows):
+        lines += ["On CPU the sampled memory is the resident set of the whole process (Python, torch "
+                  "and the data included): it does not measure a method's cost, and its differences "
+                  "between methods are noise. Compare the bytes/param columns instead.", ""]
     lines += results_table(rows)
     lines += ["", "## Best method per model and sparsity", "",
               "Chosen on the mean best *validation* metric; the test metric is reported, never "

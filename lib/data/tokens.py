@@ -42,6 +42,13 @@ _LOCAL_HINT = ("to use a local corpus instead run "
                "python -m adamwprune.data.tokens --source PATH_TO_TXT_FILES --out DIR")
 
 
+# Where the presets' corpus comes from, for a checkout that does not have it beside it.
+CORPUS_HINT = ("The presets read Shakespeare's plays: plain-text files from Project Gutenberg "
+               "(https://www.gutenberg.org/ebooks/author/65, 'Plain Text UTF-8') in one folder, or the single "
+               "file tiny Shakespeare (https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+               "tinyshakespeare/input.txt)")
+
+
 class DataPrepError(RuntimeError):
     """Token data cannot be prepared; the message says how to fix it."""
 
@@ -59,8 +66,8 @@ def get_encoding(name: str = "gpt2"):
         cache = os.environ.get("TIKTOKEN_CACHE_DIR", "<unset>")
         raise DataPrepError(
             f"cannot load the tiktoken {name!r} BPE files ({type(e).__name__}), probably offline: "
-            f"point TIKTOKEN_CACHE_DIR at a folder of cached files, e.g. "
-            f"TIKTOKEN_CACHE_DIR=../shared/data/tiktoken-cache (now {cache})") from e
+            f"point TIKTOKEN_CACHE_DIR at a folder of tiktoken's cached files (run once with internet, "
+            f"or copy them from a machine that has them; now {cache})") from e
     if enc.n_vocab > 2**16:
         raise DataPrepError(f"encoding {name!r} has {enc.n_vocab} tokens; "
                             "uint16 shards hold at most 65,536")
@@ -76,8 +83,8 @@ def text_files(sources: Iterable[Union[str, Path]]) -> list[Path]:
         elif src.is_file():
             files.append(src)
         else:
-            raise FileNotFoundError(f"text source {src} does not exist; "
-                                    "pass .txt files or folders of them")
+            raise FileNotFoundError(f"text source {src} does not exist; pass .txt files or folders of them "
+                                    f"(GPT2_TEXT_SOURCE=). {CORPUS_HINT}")
     if not files:
         raise FileNotFoundError(f"no .txt files in {', '.join(map(str, sources))}")
     return files
