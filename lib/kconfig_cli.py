@@ -23,9 +23,9 @@ def defconfig(name: str, overrides: dict[str, str], out: Path) -> None:
     apply_overrides(kconf, overrides)
     to_config(kconf)  # floats and cross-field checks now, not at run time
     write_config(kconf, out, defconfig=name)
-    print_override_effects(path, list(overrides.items()))
     print(f"configured {out} from {path.relative_to(ROOT)}" +
           (f" with {' '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""))
+    print_override_effects(path, list(overrides.items()))
 
 
 def olddefconfig(config: Path) -> None:

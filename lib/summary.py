@@ -311,7 +311,18 @@ def _sources(rows: list[dict]) -> str:
     return ", ".join(found) if found else "no samples"
 
 
-def render_markdown(name: str, records: list[dict], rows: list[dict]) -> str:
+def _changes_note(changes: list[dict]) -> list[str]:
+    """Configuration changes accepted on resume: cells finished before them ran otherwise."""
+    lines = []
+    for c in changes:
+        what = ", ".join(f"{sym} {old} -> {new}" for sym, old, new in c.get("changes", []))
+        lines.append(f"**Configuration changed on resume** ({c.get('time')}, `make continue "
+                     f"ACCEPT_CONFIG_CHANGES=1`): {what}, for {len(c.get('cells', []))} unfinished cell(s); "
+                     "cells finished before ran with the old values.")
+    return lines + [""] if lines else []
+
+
+def render_markdown(name: str, records: list[dict], rows: list[dict], changes: Optional[list] = None) -> str:
     done = sum(r["status"] == COMPLETED for r in records)
     failed = sum(r["status"] in FAILED_STATUSES for r in records)
     lines = [f"# Summary of {name}", "",
@@ -322,6 +333,7 @@ def render_markdown(name: str, records: list[dict], rows: list[dict]) -> str:
              "validation metric. Memory is the peak and mean sampled during training "
              f"({_sources(rows)}), in MiB (2^20 bytes); bytes/param per component are counted "
              "from the tensors at the end of the run.", ""]
+    lines += _changes_note(changes or [])
     if any(is_process_rss(r) for r in rows):
         lines += ["On CPU the sampled memory is the resident set of the whole process (Python, torch "
                   "and the data included): it does not measure a method's cost, and its differences "
@@ -358,7 +370,8 @@ def write_summary(matrix_dir) -> tuple[Path, Path]:
     rows = summarize(records)
     csv_path, md_path = path / "summary.csv", path / "summary.md"
     write_text_atomic(csv_path, to_csv(rows))
-    write_text_atomic(md_path, render_markdown(path.name, records, rows))
+    changes = (read_json(path / "matrix.json") or {}).get("config_changes")
+    write_text_atomic(md_path, render_markdown(path.name, records, rows, changes))
     return csv_path, md_path
 
 

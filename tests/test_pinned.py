@@ -66,6 +66,10 @@ def test_accepting_the_change_pins_the_new_values_and_records_it_in_the_matrix(t
     assert entry["changes"] == [["CONFIG_TRAIN_WARMUP_STEPS", 0, 3]] and entry["cells"] == sorted(c.id for c in cells)
     history = json.loads((mdir / cells[0].id / "config.json").read_text())["config_changes"]
     assert history[-1]["changes"] == [["CONFIG_TRAIN_WARMUP_STEPS", 0, 3]]
+    from adamwprune.summary import write_summary
+
+    md = write_summary(mdir)[1].read_text()  # the summary does not compare them as one experiment silently
+    assert "Configuration changed on resume" in md and "CONFIG_TRAIN_WARMUP_STEPS 0 -> 3" in md
 
 
 def _run_from_minimal_config(tmp_path):
