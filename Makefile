@@ -81,13 +81,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# `exec`: the shell make starts becomes the trainer, so the trainer's parent is make
+# and a killed make takes it along (lib/locks.py, die_with_parent).
 all: $(STAMP)
-	$(PY) -m adamwprune run --config $(CONFIG) $(OVERRIDES) --set '$(SET)'
+	exec $(PY) -m adamwprune run --config $(CONFIG) $(OVERRIDES) --set '$(SET)'
 
 demo: $(STAMP)
 	@mkdir -p $(dir $(DEMO_CONFIG))
 	$(PY) -m adamwprune.kconfig_cli --config $(DEMO_CONFIG) defconfig lenet5-demo
-	$(PY) -m adamwprune run --config $(DEMO_CONFIG) $(OVERRIDES) --set '$(SET)'
+	exec $(PY) -m adamwprune run --config $(DEMO_CONFIG) $(OVERRIDES) --set '$(SET)'
 	$(PY) -m adamwprune.graphs --run
 
 check test: $(STAMP)
@@ -116,7 +118,7 @@ prepare-data: $(STAMP)
 	$(PY) gpt2/train.py prepare --config $(CONFIG) $(OVERRIDES)
 
 continue: $(STAMP)
-	$(PY) -m adamwprune continue --config $(CONFIG) $(OVERRIDES) --set '$(SET)' $(if $(DIR),--dir $(DIR)) \
+	exec $(PY) -m adamwprune continue --config $(CONFIG) $(OVERRIDES) --set '$(SET)' $(if $(DIR),--dir $(DIR)) \
 	    $(if $(RERUN_FAILED),--rerun-failed) $(if $(ACCEPT_CONFIG_CHANGES),--accept-config-changes)
 
 dry-run: $(STAMP)

@@ -206,7 +206,15 @@ def results_root(config: Optional[str], overrides: Sequence[str], set_text: str,
     names (RUN_RESULTS_DIR, with SET=), else `default`."""
     if not config or not Path(config).is_file():
         return default
-    cfg, _, _ = load(Path(config), dict(parse_overrides(overrides, set_text)))
+    pairs = parse_overrides(overrides, set_text)
+    try:
+        cfg, _, _ = load(Path(config), dict(pairs))
+    except ConfigError as exc:
+        if pairs:
+            raise
+        # A .config the current Kconfig refuses must not hide the runs to continue.
+        print(f"note: {config} does not load ({str(exc)[:120]}); looking under {default}", file=sys.stderr)
+        return default
     return results_path(cfg)
 
 

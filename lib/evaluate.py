@@ -70,10 +70,20 @@ def eval_config(stored: dict, dataset: Optional[str], data_dir: Optional[str]):
                           "DATA_DIR would be ignored; drop DATA_DIR or give DATASET= a dataset that reads files")
     changes = {"dataset": dataset}
     if dataset != cfg.dataset:
-        changes["val_size"] = load(None, {"MODEL": cfg.model, "DATASET": dataset})[0].val_size
+        changes["val_size"] = _dataset_defaults(cfg.model, dataset).val_size
     if data_dir:
         changes.update(data_dir=data_dir, data_download=False)
     return cfg.replace(**changes)
+
+
+def _dataset_defaults(model: str, dataset: str):
+    """The configuration of `model` on `dataset`; one line if the task has no such dataset."""
+    try:
+        return load(None, {"MODEL": model, "DATASET": dataset})[0]
+    except ConfigError:
+        kconf = load(None, {"MODEL": model})[2]
+        valid = [s.name[len("DATASET_"):].lower() for s in kconf.named_choices["DATASET"].syms if s.visibility]
+        raise ConfigError(f"DATASET={dataset}: not a dataset of the {model} task (valid: {', '.join(valid)})") from None
 
 
 def evaluate_run(run_dir: Path, data_dir: Optional[str] = None, dataset: Optional[str] = None) -> dict:

@@ -121,8 +121,9 @@ HELD_ENV = "ADAMWPRUNE_LOCK_HELD"
 
 
 def lock_run(directory: Path) -> Optional[DirLock]:
-    """The run directory's lock for this process, or None when a parent holds it."""
-    if os.environ.get(HELD_ENV) == str(Path(directory).resolve()):
+    """The run directory's lock for this process, or None when a parent holds it or
+    this is not rank 0 of a distributed job (only rank 0 writes)."""
+    if os.environ.get(HELD_ENV) == str(Path(directory).resolve()) or os.environ.get("RANK", "0") != "0":
         return None
     return DirLock(directory, "run directory").acquire()
 

@@ -49,8 +49,8 @@ def mask_updates(schedule) -> int:
     """How many mask updates raise the sparsity (at t0 the schedule is still 0)."""
     if schedule.target <= 0:
         return 0
-    steps = range(schedule.start + 1, schedule.end + 1) if schedule.end > schedule.start else [schedule.end]
-    return sum(1 for t in steps if is_update_step(t, schedule.start, schedule.end, schedule.interval)
+    candidates = {*range(schedule.start, schedule.end + 1, max(1, schedule.interval)), schedule.end}
+    return sum(1 for t in candidates if is_update_step(t, schedule.start, schedule.end, schedule.interval)
                and sparsity_at(t, schedule.target, schedule.start, schedule.end, schedule.schedule) > 0)
 
 

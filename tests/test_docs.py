@@ -206,6 +206,7 @@ def _expand(make_args, sandbox):
 def _execute(line, sandbox):
     """One command line make would run: our Python modules in this process (cwd = sandbox)."""
     argv = shlex.split(line)
+    argv = argv[1:] if argv[:1] == ["exec"] else argv
     if len(argv) > 2 and argv[0].endswith("bin/python") and argv[1] == "-m":
         module = importlib.import_module(MODULES.get(argv[2], argv[2]))
         out, err = io.StringIO(), io.StringIO()

@@ -61,6 +61,12 @@ def test_data_dir_for_a_dataset_that_reads_no_files_is_one_line(lenet_run, capsy
     assert code == 2 and err.count("\n") == 1 and "reads no files" in err
 
 
+def test_a_dataset_of_another_task_is_one_line_listing_the_valid_ones(lenet_run, capsys):
+    code, _, err = _evaluate(capsys, "--run", str(lenet_run), "--dataset", "cifar10")
+    assert code == 2 and err.count("\n") == 1
+    assert "not a dataset of the lenet5 task (valid: mnist, mnist_embedded, synthetic)" in err
+
+
 def test_evaluate_refuses_a_checkpoint_of_another_model(lenet_run, tmp_path, capsys):
     """A ResNet-18 best.pt copied into a LeNet-5 run: refused, nothing written."""
     import shutil

@@ -96,20 +96,18 @@ def test_a_trainer_started_by_make_dies_with_make(tmp_path):
     """`make` killed with SIGKILL: its trainer gets SIGTERM instead of training on as an orphan."""
     path = write_config(tmp_path, {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "64",
                                    "BATCH_SIZE": "16", "DEVICE": "cpu", "MAX_ITERS": "100000",
-                                   "RUN_MONITOR_INTERVAL": "1"})
-    trainer = [sys.executable, "-m", "adamwprune", "run", "--config", str(path), "--run-dir", str(tmp_path / "run")]
-    # A stand-in for make: starts the trainer as make does (MAKELEVEL set) and waits.
-    fake_make = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; print(subprocess.Popen("
-                                  "sys.argv[1:]).pid, flush=True); time = __import__('time'); time.sleep(120)",
-                                  *trainer], cwd=ROOT, env=dict(os.environ, MAKELEVEL="1"),
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    pid = int(fake_make.stdout.readline())
-    deadline = time.time() + 60
-    while time.time() < deadline and locks.holder(tmp_path / "run") is None:
+                                   "RUN_MONITOR_INTERVAL": "1", "RUN_RESULTS_DIR": str(tmp_path / "results")})
+    make = subprocess.Popen(["make", "--no-print-directory", f"CONFIG={path}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, held = time.time() + 60, None
+    while time.time() < deadline and held is None:
+        held = next((locks.holder(d) for d in (tmp_path / "results").glob("*") if locks.holder(d)), None)
         time.sleep(0.1)
-    assert locks.holder(tmp_path / "run")["pid"] == pid  # training
-    fake_make.kill()
-    fake_make.wait()
+    assert held is not None, "the trainer did not start"
+    pid = held["pid"]
+    assert psutil.Process(pid).ppid() == make.pid  # make's shell became the trainer (exec)
+    make.kill()
+    make.wait()
     deadline = time.time() + 20
     while time.time() < deadline and psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
         time.sleep(0.1)
