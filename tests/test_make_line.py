@@ -1,6 +1,5 @@
 """The make line says what it does: variables work or are refused, choices say what they
 changed, the checkout stays clean (issue 13, "Wrong words" and "Friction")."""
-import json
 import os
 import subprocess
 import time
