@@ -23,6 +23,15 @@ SHORTHANDS := EPOCHS MAX_ITERS BATCH_SIZE LR SEED DEVICE DATASET DATA_DIR NPROC 
 OVERRIDES  := $(foreach v,$(SHORTHANDS),$(if $($(v)),--override=$(v)=$($(v))))
 SET        ?=
 
+# Every variable given on the make line either does something or is refused:
+# a Kconfig symbol goes through SET="SYMBOL=value", never as a bare variable.
+MAKE_VARIABLES := $(SHORTHANDS) SET CONFIG DEFCONFIG DIR RUN RERUN_FAILED ACCEPT_CONFIG_CHANGES MODEL \
+                  PYTEST_ARGS BENCH_ARGS VENV PYTHON_BOOT TORCHRUN_ARGS TIKTOKEN_CACHE_DIR
+UNKNOWN_VARIABLES := $(filter-out $(MAKE_VARIABLES),$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
+ifneq ($(UNKNOWN_VARIABLES),)
+$(error $(firstword $(UNKNOWN_VARIABLES))=$($(firstword $(UNKNOWN_VARIABLES))) is not a make variable of this project; a Kconfig symbol goes in SET="$(firstword $(UNKNOWN_VARIABLES))=..." (`make help` lists the variables))
+endif
+
 .DEFAULT_GOAL := all
 .PHONY: all help install demo check test defconfig menuconfig olddefconfig savedefconfig \
         list-defconfigs prepare-data continue dry-run status summary update-graphs trackio-view trackio-test wandb-test bench gputop evaluate clean mrproper
@@ -49,14 +58,15 @@ help:
 	@echo "  make dry-run           list the cells of the configured test matrix without running them"
 	@echo "  make status [DIR=]     done / running / failed / pending per cell of the newest matrix"
 	@echo "  make continue [DIR=]   resume the newest interrupted run or matrix (or DIR) from last.pt"
-	@echo "                         RERUN_FAILED=1 also reruns failed cells"
+	@echo "                         RERUN_FAILED=1 also reruns failed cells; ACCEPT_CONFIG_CHANGES=1 resumes"
+	@echo "                         although the current Kconfig resolves the run differently (recorded)"
 	@echo "  make summary [DIR=]    rebuild summary.csv / summary.md of the newest (or DIR) matrix"
 	@echo "  make update-graphs [DIR=]  figures + report.md into <matrix>/graphs/ and images/<model>/"
 	@echo "  make trackio-view [MODEL=]  open trackio's local dashboard (results/trackio)"
 	@echo "  make trackio-test / make wandb-test   log a short fake run to check a tracker's set-up"
 	@echo "  make bench             optimizer-step, memory, mask-update and engine benchmarks -> results/bench/"
 	@echo "  make gputop [DIR=]     live view of device memory and the running cells"
-	@echo "  make evaluate RUN=<run dir> DATA_DIR=<dir>   evaluate best.pt on another copy of the dataset"
+	@echo "  make evaluate RUN=<run dir> [DATASET=<name>] [DATA_DIR=<dir>]   best.pt on a test split -> eval.json"
 	@echo ""
 	@echo "Overrides on any training target (validated like .config, recorded in the run):"
 	@echo "  EPOCHS= MAX_ITERS= BATCH_SIZE= LR= SEED= DEVICE=cpu|cuda|auto DATASET= DATA_DIR= NPROC="
@@ -71,13 +81,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# `exec`: the shell make starts becomes the trainer, so the trainer's parent is make
+# and a killed make takes it along (lib/locks.py, die_with_parent).
 all: $(STAMP)
-	$(PY) -m adamwprune run --config $(CONFIG) $(OVERRIDES) --set '$(SET)'
+	exec $(PY) -m adamwprune run --config $(CONFIG) $(OVERRIDES) --set '$(SET)'
 
 demo: $(STAMP)
 	@mkdir -p $(dir $(DEMO_CONFIG))
 	$(PY) -m adamwprune.kconfig_cli --config $(DEMO_CONFIG) defconfig lenet5-demo
-	$(PY) -m adamwprune run --config $(DEMO_CONFIG) $(OVERRIDES) --set '$(SET)'
+	exec $(PY) -m adamwprune run --config $(DEMO_CONFIG) $(OVERRIDES) --set '$(SET)'
 	$(PY) -m adamwprune.graphs --run
 
 check test: $(STAMP)
@@ -94,7 +106,7 @@ list-defconfigs: $(STAMP)
 	@$(PY) -m adamwprune.kconfig_cli list
 
 menuconfig: $(STAMP)
-	srctree=$(CURDIR) KCONFIG_CONFIG=$(CONFIG) $(VENV)/bin/menuconfig Kconfig
+	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) menuconfig
 
 olddefconfig: $(STAMP)
 	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) olddefconfig
@@ -106,13 +118,14 @@ prepare-data: $(STAMP)
 	$(PY) gpt2/train.py prepare --config $(CONFIG) $(OVERRIDES)
 
 continue: $(STAMP)
-	$(PY) -m adamwprune continue $(if $(DIR),--dir $(DIR)) $(if $(RERUN_FAILED),--rerun-failed)
+	exec $(PY) -m adamwprune continue --config $(CONFIG) $(OVERRIDES) --set '$(SET)' $(if $(DIR),--dir $(DIR)) \
+	    $(if $(RERUN_FAILED),--rerun-failed) $(if $(ACCEPT_CONFIG_CHANGES),--accept-config-changes)
 
 dry-run: $(STAMP)
 	@$(PY) -m adamwprune dry-run --config $(CONFIG) $(OVERRIDES) --set '$(SET)'
 
 status: $(STAMP)
-	@$(PY) -m adamwprune status $(if $(DIR),--dir $(DIR))
+	@$(PY) -m adamwprune status --config $(CONFIG) $(OVERRIDES) --set '$(SET)' $(if $(DIR),--dir $(DIR))
 
 summary: $(STAMP)
 	$(PY) -m adamwprune.summary $(DIR)
@@ -124,17 +137,17 @@ trackio-view: $(STAMP)
 	$(PY) -m adamwprune.tracking view --dir results/trackio $(if $(MODEL),--model $(MODEL))
 
 trackio-test: $(STAMP)
-	$(PY) scripts/tracker_test.py trackio --dir results/trackio
+	$(PY) scripts/tracker_test.py trackio --dir results
 
 wandb-test: $(STAMP)
 	$(PY) scripts/tracker_test.py wandb --dir results/wandb-test
 
 gputop: $(STAMP)
-	$(PY) -m adamwprune.monitor --results $(or $(DIR),$$(ls -d results/*/ 2>/dev/null | tail -1))
+	$(PY) -m adamwprune.monitor $(if $(DIR),--results $(DIR))
 
 evaluate: $(STAMP)
-	@test -n "$(RUN)" || { echo "usage: make evaluate RUN=<run dir> [DATA_DIR=<dir>]"; exit 2; }
-	$(PY) -m adamwprune evaluate --run $(RUN) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+	@test -n "$(RUN)" || { echo "usage: make evaluate RUN=<run dir> [DATASET=<name>] [DATA_DIR=<dir>]"; exit 2; }
+	$(PY) -m adamwprune evaluate --run $(RUN) $(if $(DATASET),--dataset $(DATASET)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 clean:
 	rm -rf results

@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from . import config as kconfig
+from .atomic import write_text_atomic
 from .memory import optimizer_state_bytes, pruning_buffer_bytes
 from .optim import cpu_kernels
 from .optim.adamwprune import AdamWPrune
@@ -503,7 +504,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")
     return 0
 

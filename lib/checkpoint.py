@@ -1,11 +1,12 @@
 """Atomic checkpoints: last.pt (everything needed to resume) and best.pt (the model)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .atomic import write_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -13,14 +14,9 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """torch.save to a temporary file in the same directory, then rename over `path`
+    (a full disk is one DiskFullError line and leaves no temporary file)."""
+    write_atomic(path, lambda fh: torch.save(obj, fh), binary=True)
 
 
 def load(path: Path, map_location: Any = "cpu") -> dict:

@@ -15,11 +15,34 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import checkpoint as ckpt
+from . import pinned
+from .atomic import DiskFullError, write_text_atomic
 from .config import ROOT, ConfigError, load, parse_set
-from .matrix import MatrixBusy
-from .rundir import new_run_path, read_json, run_name, write_json_atomic
+from .locks import HELD_ENV, LockBusy, die_with_parent, lock_run
+from .rundir import new_run_path, read_json, run_name
 
-EXIT_DIVERGED = 3
+# Exit statuses a matrix runner reads to judge a cell (matrix._finish).
+EXIT_USAGE, EXIT_DIVERGED, EXIT_CORRUPT_CHECKPOINT, EXIT_DISK_FULL = 2, 3, 4, 5
+
+
+def _user_errors() -> tuple:
+    """Problems a user can fix, reported in one line (never a traceback)."""
+    from .data.tokens import DataPrepError
+
+    return (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError, LockBusy, DiskFullError,
+            DataPrepError)
+
+
+def exit_status(exc: BaseException, cmd: str = "") -> int:
+    """2 for a problem to fix; a trainer (`run`, what matrix cells are) tells a corrupt
+    last.pt and a full disk apart, which its matrix runner treats differently."""
+    if cmd != "run":
+        return EXIT_USAGE
+    if isinstance(exc, ckpt.CheckpointError):
+        return EXIT_CORRUPT_CHECKPOINT
+    if isinstance(exc, DiskFullError):
+        return EXIT_DISK_FULL
+    return EXIT_USAGE
 
 
 # --------------------------------------------------------------------- tasks
@@ -54,19 +77,22 @@ def parse_overrides(items: Sequence[str], set_text: str = "") -> list[tuple[str,
 
 
 def train(config_path: Path, overrides: list[tuple[str, str]], run_dir: Optional[Path] = None,
-          resume: bool = False) -> int:
+          resume: bool = False, accept_changes: bool = False) -> int:
     """`make`: a matrix when the config selects more than one cell, else one run."""
     from . import matrix
+    from .notes import print_override_effects
 
     cfg, _, _ = load(config_path, dict(overrides))
+    if run_dir is None and not resume:
+        print_override_effects(config_path, overrides)
     if run_dir is None and not resume and matrix.is_matrix(cfg):
         mdir = matrix.create(config_path, overrides, results_path(cfg))
-        failed = matrix.run(mdir)
-        return 1 if failed else 0
+        unfinished = matrix.run(mdir, checked=True)
+        return 1 if unfinished else 0
     if cfg.matrix:
         (cell,) = matrix.expand(cfg)  # a one-cell matrix is a single run of that cell
         overrides = list(cell.overrides) + list(overrides)
-    return train_one(config_path, overrides, run_dir=run_dir, resume=resume)
+    return train_one(config_path, overrides, run_dir=run_dir, resume=resume, accept_changes=accept_changes)
 
 
 def results_path(cfg) -> Path:
@@ -75,17 +101,35 @@ def results_path(cfg) -> Path:
 
 
 def train_one(config_path: Optional[Path], overrides: list[tuple[str, str]], run_dir: Optional[Path] = None,
-              resume: bool = False, config_text: Optional[str] = None) -> int:
-    """Train one run; returns the process exit status."""
-    from .engine import STATUS_COMPLETED, Trainer
+              resume: bool = False, config_text: Optional[str] = None, accept_changes: bool = False,
+              root: Optional[Path] = None) -> int:
+    """Train one run, holding its directory's lock; returns the process exit status.
 
-    cfg, _, kconf = load(config_path, dict(overrides))
+    A run directory that already holds a configuration (a resumed run, a matrix
+    cell) is trained only with exactly that configuration (pinned.py)."""
+    cfg, _, kconf = load(config_path, dict(overrides), root=root or ROOT)
     if config_text is None:
         config_text = Path(config_path).read_text() if config_path else _config_text(kconf)
     if run_dir is None:
         run_dir = new_run_path(results_path(cfg), cell_id(cfg))
-    if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return _launch_torchrun(cfg.nproc, config_path, overrides, run_dir, resume, config_text)
+    lock = lock_run(run_dir)  # None in a torchrun worker: its launcher holds it
+    try:
+        if lock is not None:
+            diffs = pinned.check(run_dir, cfg.to_dict(), accept_changes)
+            if diffs:
+                pinned.record(run_dir, cfg.to_dict(), diffs)
+                print(f"[adamwprune] accepted configuration changes: {pinned.describe(diffs)}", flush=True)
+        if cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return _launch_torchrun(cfg.nproc, config_path, overrides, run_dir, resume, config_text)
+        return _fit(cfg, run_dir, resume, config_text, overrides)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit(cfg, run_dir: Path, resume: bool, config_text: str, overrides) -> int:
+    from .engine import STATUS_COMPLETED, Trainer
+
     task = load_task(cfg.model)
     trainer = Trainer(task, cfg, run_dir, config_text=config_text,
                       overrides={"pairs": [list(p) for p in overrides]})
@@ -110,19 +154,21 @@ def _launch_torchrun(nproc: int, config_path, overrides, run_dir: Path, resume: 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = run_dir / ".config"
     if not cfg_file.exists():
-        cfg_file.write_text(text)
+        write_text_atomic(cfg_file, text)
     rdzv = os.environ.get("TORCHRUN_ARGS", "--standalone").split()
     cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={nproc}",
            "-m", "adamwprune", "run", "--config", str(cfg_file), "--run-dir", str(run_dir)]
     cmd += [f"--override={k}={v}" for k, v in overrides]
     if resume:
         cmd.append("--resume")
-    return subprocess.call(cmd)
+    env = dict(os.environ, **{HELD_ENV: str(run_dir.resolve())})
+    return subprocess.call(cmd, env=env, preexec_fn=die_with_parent)
 
 
 # ------------------------------------------------------------------ continue
 def find_unfinished(results: Path) -> Optional[Path]:
-    """The newest unfinished run directory or matrix directory under results/."""
+    """The newest unfinished run directory or matrix directory under results/ (by
+    creation time, which the timestamped names also sort by)."""
     from . import matrix
 
     candidates = [p.parent for p in Path(results).glob("*/last.pt") if read_json(p.parent / "final.json") is None]
@@ -130,47 +176,53 @@ def find_unfinished(results: Path) -> Optional[Path]:
         _, cells = matrix.load_cells(mdir.parent)
         if any(matrix.cell_state(mdir.parent / c.id) in ("interrupted", "pending") for c in cells):
             candidates.append(mdir.parent)
-    return max(candidates, key=lambda p: p.name) if candidates else None
+    return max(candidates, key=lambda p: (p.name, p.stat().st_mtime)) if candidates else None
 
 
-def continue_run(run_dir: Path) -> int:
+def continue_run(run_dir: Path, accept_changes: bool = False, root: Optional[Path] = None) -> int:
     """Resume one run from its last.pt, with the .config and overrides it was started with."""
     cfg_json = read_json(run_dir / "config.json")
     if cfg_json is None or not (run_dir / ".config").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.json/.config)")
     pairs = [tuple(p) for p in cfg_json.get("overrides", {}).get("pairs", [])]
-    return train_one(run_dir / ".config", pairs, run_dir=run_dir, resume=True)
+    return train_one(run_dir / ".config", pairs, run_dir=run_dir, resume=True, accept_changes=accept_changes,
+                     root=root)
+
+
+def continue_target(run: Path, rerun_failed: bool = False, accept_changes: bool = False,
+                    root: Optional[Path] = None) -> int:
+    """`make continue` on a run or matrix directory; the exit status."""
+    root = root or ROOT
+    print(f"continuing {run}", flush=True)
+    if (run / "matrix.json").exists():
+        from .matrix import run as run_matrix
+
+        return 1 if run_matrix(run, rerun_failed=rerun_failed, accept_changes=accept_changes, root=root) else 0
+    return continue_run(run, accept_changes, root)
+
+
+def results_root(config: Optional[str], overrides: Sequence[str], set_text: str, default: Path) -> Path:
+    """Where `status` and `continue` look: the results directory the configuration
+    names (RUN_RESULTS_DIR, with SET=), else `default`."""
+    if not config or not Path(config).is_file():
+        return default
+    pairs = parse_overrides(overrides, set_text)
+    try:
+        cfg, _, _ = load(Path(config), dict(pairs))
+    except ConfigError as exc:
+        if pairs:
+            raise
+        # A .config the current Kconfig refuses must not hide the runs to continue.
+        print(f"note: {config} does not load ({str(exc)[:120]}); looking under {default}", file=sys.stderr)
+        return default
+    return results_path(cfg)
 
 
 # ------------------------------------------------------------------ evaluate
-def evaluate_run(run_dir: Path, data_dir: Optional[str]) -> dict:
-    """Evaluate best.pt of a run on the test split found under data_dir."""
-    import torch
+def evaluate_run(run_dir: Path, data_dir: Optional[str] = None, dataset: Optional[str] = None) -> dict:
+    from .evaluate import evaluate_run as evaluate
 
-    from .config import Config
-    from .engine import Trainer
-
-    state = ckpt.load(Path(run_dir) / "best.pt")
-    cfg = Config(**state["config"])
-    if data_dir:
-        cfg = cfg.replace(data_dir=data_dir, data_download=False)
-    task = load_task(cfg.model)
-    trainer = Trainer(task, cfg, Path(run_dir))
-    trainer.device = torch.device("cpu")
-    trainer.data = task.build_data(cfg)
-    trainer.model = task.build_model(cfg)
-    trainer.model.load_state_dict(state["model"])
-    import contextlib
-
-    trainer.amp = contextlib.nullcontext()
-    loss, metric = trainer.evaluate(trainer.data.test)
-    result = {"run": str(run_dir), "checkpoint_step": state["step"], "data_dir": cfg.data_dir,
-              "dataset": cfg.dataset, "test_loss": loss, "test_metric": metric,
-              "metric_name": task.metric_name}
-    write_json_atomic(Path(run_dir) / "eval.json", result)
-    print(f"{task.metric_name} on {cfg.dataset} test split under {cfg.data_dir}: {metric:.2f} "
-          f"(loss {loss:.4f}); wrote {Path(run_dir) / 'eval.json'}")
-    return result
+    return evaluate(run_dir, data_dir, dataset)
 
 
 # ----------------------------------------------------------- direct scripts
@@ -205,70 +257,87 @@ def direct_main(model: str, argv: Sequence[str]) -> int:
     pairs += list(parse_set(args.set).items())
     try:
         return train_one(base if base.is_file() else None, pairs)
-    except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError) as exc:
+    except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 # ---------------------------------------------------------------------- main
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adamwprune")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train what .config describes")
-    r.add_argument("--config", default=".config")
-    r.add_argument("--override", action="append", default=[], help="NAME=value (shorthand or symbol)")
-    r.add_argument("--set", default="", help='"SYMBOL=value SYMBOL2=value"')
     r.add_argument("--run-dir", type=Path)
     r.add_argument("--resume", action="store_true")
+    r.add_argument("--accept-config-changes", action="store_true")
+    d = sub.add_parser("dry-run", help="list the cells of the configured matrix")
     c = sub.add_parser("continue", help="resume the latest interrupted run")
     c.add_argument("--dir", type=Path, help="a run directory (default: the newest unfinished one)")
-    c.add_argument("--results", type=Path, default=ROOT / "results")
     c.add_argument("--rerun-failed", action="store_true", help="also rerun failed matrix cells")
-    d = sub.add_parser("dry-run", help="list the cells of the configured matrix")
-    d.add_argument("--config", default=".config")
-    d.add_argument("--override", action="append", default=[])
-    d.add_argument("--set", default="")
+    c.add_argument("--accept-config-changes", action="store_true",
+                   help="resume although the current Kconfig resolves the run differently (recorded)")
     st = sub.add_parser("status", help="state of every cell of the newest (or DIR) matrix")
     st.add_argument("--dir", type=Path)
-    st.add_argument("--results", type=Path, default=ROOT / "results")
+    for q in (r, d, c, st):
+        q.add_argument("--config", default=".config")
+        q.add_argument("--override", action="append", default=[], help="NAME=value (shorthand or symbol)")
+        q.add_argument("--set", default="", help='"SYMBOL=value SYMBOL2=value"')
+    for q in (c, st):
+        q.add_argument("--results", type=Path, help="where to look (default: RUN_RESULTS_DIR of --config)")
     e = sub.add_parser("evaluate", help="evaluate a run's best checkpoint")
     e.add_argument("--run", type=Path, required=True)
+    e.add_argument("--dataset", help="another dataset of the same task (default: the run's)")
     e.add_argument("--data-dir")
-    args = p.parse_args(argv)
-    try:
-        if args.cmd == "run":
-            if not Path(args.config).is_file():
-                raise ConfigError(f"{args.config}: no configuration yet; run `make defconfig DEFCONFIG=<name>` "
-                                  "first (`make list-defconfigs` lists them)")
-            return train(Path(args.config), parse_overrides(args.override, args.set),
-                         run_dir=args.run_dir, resume=args.resume)
-        if args.cmd == "dry-run":
-            from .matrix import dry_run
+    return p
 
-            return dry_run(Path(args.config), parse_overrides(args.override, args.set))
-        if args.cmd == "status":
-            from .matrix import latest_matrix, status
 
-            mdir = args.dir or latest_matrix(args.results)
-            if mdir is None:
-                print(f"no matrix under {args.results}")
-                return 0
-            return status(mdir)
-        if args.cmd == "continue":
-            run = args.dir or find_unfinished(args.results)
-            if run is None:
-                print(f"nothing to continue: every run under {args.results} has finished")
-                return 0
-            print(f"continuing {run}")
-            if (run / "matrix.json").exists():
-                from .matrix import run as run_matrix
+def _results(args) -> Path:
+    if args.results is not None:
+        return args.results
+    extra = [k for k, _ in parse_overrides(args.override, args.set) if k.removeprefix("CONFIG_") != "RUN_RESULTS_DIR"]
+    if extra:
+        raise ConfigError(f"`make {args.cmd}` takes no training overrides ({', '.join(extra)}): a run keeps the "
+                          "configuration it was created with; only SET=\"RUN_RESULTS_DIR=<dir>\" (where to look) applies")
+    return results_root(args.config, args.override, args.set, ROOT / "results")
 
-                return 1 if run_matrix(run, rerun_failed=args.rerun_failed) else 0
-            return continue_run(run)
-        if args.cmd == "evaluate":
-            evaluate_run(args.run, args.data_dir)
+
+def _dispatch(args) -> int:
+    if args.cmd == "run":
+        if not Path(args.config).is_file():
+            raise ConfigError(f"{args.config}: no configuration yet; run `make defconfig DEFCONFIG=<name>` "
+                              "first (`make list-defconfigs` lists them)")
+        return train(Path(args.config), parse_overrides(args.override, args.set), run_dir=args.run_dir,
+                     resume=args.resume, accept_changes=args.accept_config_changes)
+    if args.cmd == "dry-run":
+        from .matrix import dry_run
+
+        return dry_run(Path(args.config), parse_overrides(args.override, args.set))
+    if args.cmd == "status":
+        from .matrix import latest_matrix, status
+
+        results = None if args.dir else _results(args)
+        mdir = args.dir or latest_matrix(results)
+        if mdir is None:
+            print(f"no matrix under {results}")
             return 0
-    except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError, MatrixBusy) as exc:
+        return status(mdir)
+    if args.cmd == "continue":
+        results = None if args.dir else _results(args)
+        run = args.dir or find_unfinished(results)
+        if run is None:
+            print(f"nothing to continue: every run under {results} has finished")
+            return 0
+        return continue_target(run, args.rerun_failed, args.accept_config_changes)
+    evaluate_run(args.run, args.data_dir, args.dataset)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd in ("run", "continue") and os.environ.get("MAKELEVEL"):
+        die_with_parent()  # started by make: a killed make takes its trainer with it
+    try:
+        return _dispatch(args)
+    except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 1
+        return exit_status(exc, args.cmd)

@@ -32,13 +32,19 @@ class DistContext:
     def init(self, device: torch.device) -> None:
         if self.enabled and not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # object collectives use the current device
             dist.init_process_group(backend=backend)
 
     def all_reduce_sum(self, values: dict[str, float], device: torch.device) -> dict[str, float]:
+        """Sum each key over ranks. Ranks may hold different keys (a rank that had no
+        evaluation batch holds none), so the key names are agreed on first."""
         if not self.enabled:
             return values
-        keys = sorted(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+        names: list = [None] * self.world_size
+        dist.all_gather_object(names, sorted(values))
+        keys = sorted(set().union(*names))
+        t = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return dict(zip(keys, t.tolist()))
 

@@ -21,13 +21,16 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from .atomic import write_text_atomic
 from .distributed import DistContext
 from .lr import lr_at
 from .memory import memory_report
+from .notes import ramp_warning
 from .optim.clipping import clip_grad_norm_
 from .params import param_groups, prunable_parameters
 from .registry import PruneSchedule, build_optimizer, build_pruner
-from .rundir import RunDir, environment
+from . import segments
+from .rundir import RunDir, environment, read_json
 
 STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "completed", "diverged", "failed"
 
@@ -217,6 +220,7 @@ class Trainer:
         self.eval_every = cfg.eval_interval or self.budget.steps_per_epoch
         self.step, self.best = 0, Best()
         self.loss = LossReadback()
+        self._earlier_segments, self._from_step, self._train_time, self._steps_run = [], 0, 0.0, 0
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.cfg.compile:
@@ -260,6 +264,7 @@ class Trainer:
             "pruner": self.pruner.state_dict(),
             "best": vars(self.best).copy(),
             "config": self.cfg.to_dict(),
+            "segments": self._segments(),
             # Batches are a function of (seed, step); only dropout-style randomness needs this.
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
@@ -289,11 +294,20 @@ class Trainer:
         self.pruner.load_state_dict(state["pruner"])
         self.step = int(state["step"])
         self.best = Best(**state["best"])
+        self._earlier_segments = list(state.get("segments", []))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if self.device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all([t.cpu() for t in state["rng"]["cuda"]])
         self.run.truncate_metrics(self.step)
         return True
+
+    def _segments(self, peak: Optional[int] = None) -> list[dict]:
+        """The earlier segments of this run and this one up to now (see segments.py)."""
+        if peak is None and self.sampler is not None:
+            peak = self.sampler.summary("train").get("peak_bytes")
+        env = getattr(self, "_env", {})
+        return self._earlier_segments + [segments.current(
+            self._started, self._from_step, self.step, self._train_time, self._steps_run, peak, env)]
 
     # -- one step
     def _lr(self) -> float:
@@ -338,16 +352,22 @@ class Trainer:
 
     # -- evaluation
     @torch.no_grad()
-    def evaluate(self, split) -> tuple[float, float]:
+    def eval_sums(self, split) -> dict[str, float]:
+        """The task's evaluation sums over every rank's batches (a rank may have
+        none), plus `_examples`, the number of examples evaluated."""
         self.model.eval()
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {"_examples": 0.0}
         for xb, yb in self.task.eval_batches(split, self.cfg, self.dist.rank, self.dist.world_size):
             with self.amp:
                 out = self.task.eval_sums(self.model, (xb.to(self.device), yb.to(self.device)))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+            sums["_examples"] += xb.shape[0]
         self.model.train()
-        return self.task.finish_eval(self.dist.all_reduce_sum(sums, self.device))
+        return self.dist.all_reduce_sum(sums, self.device)
+
+    def evaluate(self, split) -> tuple[float, float]:
+        return self.task.finish_eval(self.eval_sums(split))
 
     def sparsity(self) -> float:
         return float(self.pruner.current_sparsity())
@@ -400,9 +420,10 @@ class Trainer:
 
     # -- the loop
     def fit(self, resume: bool = False) -> dict:
-        started = time.time()
+        started = self._started = time.time()
         self.setup()
         resumed = self.resume() if resume else False
+        self._from_step = self.step
         self._write_start_files(resumed)
         self._start_tracker(resumed)
         self._banner(resumed)
@@ -461,14 +482,17 @@ class Trainer:
         if not self.dist.is_main:
             return
         if self.config_text is not None and not (self.run / ".config").exists():
-            (self.run / ".config").write_text(self.config_text)
-        self.run.write_json("config.json", {"config": self.cfg.to_dict(), "overrides": self.overrides,
+            write_text_atomic(self.run / ".config", self.config_text)
+        # Keys written before (the configuration pinned at creation, accepted changes) are kept.
+        self.run.write_json("config.json", {**(read_json(self.run / "config.json") or {}),
+                                            "config": self.cfg.to_dict(), "overrides": self.overrides,
                                             "task": self.task.name, "total_steps": self.total_steps,
                                             "schedule": vars(self.budget.schedule)})
         env = environment(self.device)
         env["world_size"] = self.dist.world_size
         env["resumed_at_step"] = self.step if resumed else None
-        self.run.write_json("env.json", env)
+        self._env = env
+        self.run.write_json("env.json", segments.env_with_history(self.run / "env.json", env, resumed))
 
     def param_counts(self) -> tuple[int, int]:
         seen, total = set(), 0
@@ -489,6 +513,9 @@ class Trainer:
               f"(ramp steps {s.start}-{s.end}, every {s.interval}) | {self.total_steps} steps on "
               f"{self.device} x{self.dist.world_size} | run dir {self.run.path}"
               + (f" | resumed at step {self.step}" if resumed else ""), flush=True)
+        warning = ramp_warning(s)
+        if warning:
+            print(f"[adamwprune] {warning}", flush=True)
 
     def _final(self, status: str, message: Optional[str], started: float, train_time: float,
                steps_run: int) -> dict:
@@ -498,6 +525,8 @@ class Trainer:
         if self.sampler is not None:
             self.sampler.stop()
         cuda_peak = self.cuda_peaks.get("train") if self.device.type == "cuda" else None
+        peak = cuda_peak if cuda_peak is not None else mem.get("peak_bytes")
+        run_totals = segments.totals(self._segments(peak))
         final = {
             "status": status, "message": message, "task": self.task.name,
             "metric_name": self.task.metric_name, "higher_is_better": self.task.higher_is_better,
@@ -505,9 +534,8 @@ class Trainer:
             "test_metric_at_best": self.best.test_metric, "final_sparsity": self.sparsity(),
             "target_sparsity": self.budget.schedule.target, "params_total": total,
             "params_prunable": prunable, "steps": self.step, "total_steps": self.total_steps,
-            "wall_time_s": time.time() - started,
-            "step_time_s": train_time / steps_run if steps_run else None,
-            "peak_memory_bytes": cuda_peak if cuda_peak is not None else mem.get("peak_bytes"),
+            # Totals over every segment of a resumed run (segments.py); this one's alone in `segments`.
+            **run_totals,
             "cuda_allocator_peak_bytes": cuda_peak,
             "cuda_allocator_peak_bytes_by_phase": self.cuda_peaks or None,
             "sampled_memory": mem,

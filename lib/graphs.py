@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from . import summary as S
+from .atomic import write_file_atomic, write_text_atomic
 from .monitor import METRICS, read_timeline, sample_metrics
 from .rundir import read_json, read_jsonl
 
@@ -288,6 +289,16 @@ def _memory_source(d: ModelData) -> str:
     return ", ".join(sorted({r["memory_source"] for r in d.rows if r["memory_source"]})) or "final.json"
 
 
+def _rss_only(rows: list[dict]) -> bool:
+    """CPU runs: the memory is the process's resident set (torch and Python included),
+    noise next to the differences between methods (S.is_process_rss)."""
+    return bool(rows) and all(S.is_process_rss(r) for r in rows)
+
+
+def _memory_axis(rows: list[dict], what: str = "memory") -> str:
+    return f"{what} (process RSS, MiB)" if _rss_only(rows) else f"{what} (MiB)"
+
+
 def fig_memory_bars(d: ModelData) -> Drawn:
     rows = _memory_rows(d)
     if not rows:
@@ -305,7 +316,7 @@ def fig_memory_bars(d: ModelData) -> Drawn:
     ax.set_yticks(range(len(rows)), [config_label(r) for r in rows])
     ax.invert_yaxis()
     ax.set(title=f"{d.model}: memory during training ({_memory_source(d)}), mean over seeds",
-           xlabel="memory (MiB)")
+           xlabel=_memory_axis(rows))
     ax.margins(x=0.1)
     fig.legend(loc="outside lower center", ncols=len(series))
     return Drawn(f"{d.model}_memory_bars", "Peak and mean memory per configuration",
@@ -390,19 +401,23 @@ def fig_memory_vs_metric(d: ModelData) -> Drawn:
                     marker="o", capsize=3, linestyle="none", label=r["method"])
         ax.annotate(f"{100 * r['target_sparsity']:g}%", (r["peak_mib"], r["test_mean"]),
                     textcoords="offset points", xytext=(5, 5), fontsize=STYLE["legend.fontsize"])
-    points = [(r["peak_mib"], r["test_mean"]) for r in rows]
-    front = [rows[i] for i in pareto_front(points, d.higher_is_better)]
-    ax.plot([r["peak_mib"] for r in front], [r["test_mean"] for r in front], color="black",
-            linestyle="--", drawstyle="steps-post", marker="o", markerfacecolor="none",
-            markersize=12, label="Pareto frontier")
-    ax.set(title=f"{d.model}: peak memory against final {d.metric}", xlabel="peak memory (MiB)",
+    better = "higher" if d.higher_is_better else "lower"
+    if _rss_only(rows):  # no frontier drawn from noise
+        note = ("memory is the CPU process's resident set (torch and Python included), so no Pareto "
+                "frontier is drawn: compare bytes per parameter instead.")
+    else:
+        points = [(r["peak_mib"], r["test_mean"]) for r in rows]
+        front = [rows[i] for i in pareto_front(points, d.higher_is_better)]
+        ax.plot([r["peak_mib"] for r in front], [r["test_mean"] for r in front], color="black",
+                linestyle="--", drawstyle="steps-post", marker="o", markerfacecolor="none",
+                markersize=12, label="Pareto frontier")
+        note = f"the dashed line joins the configurations no other beats on both lower memory and {better} {d.metric}."
+    ax.set(title=f"{d.model}: peak memory against final {d.metric}", xlabel=_memory_axis(rows, "peak memory"),
            ylabel=metric_label(d.metric, "test") + " at best validation step")
     side_legend(fig, ax)
-    better = "higher" if d.higher_is_better else "lower"
     return Drawn(f"{d.model}_memory_vs_metric", "Memory against metric",
                  f"Peak memory against test {d.metric} per configuration (labels give the target "
-                 f"sparsity); the dashed line joins the configurations no other beats on both lower "
-                 f"memory and {better} {d.metric}.", fig)
+                 f"sparsity); {note}", fig)
 
 
 def fig_metric_per_mib(d: ModelData) -> Drawn:
@@ -411,6 +426,8 @@ def fig_metric_per_mib(d: ModelData) -> Drawn:
     rows = [r for r in _memory_rows(d) if r["test_mean"] is not None and r["peak_mib"]]
     if not rows:
         raise Skipped("no configuration with both memory and a test metric")
+    if _rss_only(rows):
+        raise Skipped("memory is the CPU process's resident set, not the method's cost; a ratio to it is noise")
     fig, ax = bar_figure(len(rows))
     values = [r["test_mean"] / (r["peak_mib"] / PER_MIB) for r in rows]
     bars = ax.barh(range(len(rows)), values, color=[d.colors[r["method"]] for r in rows])
@@ -484,10 +501,8 @@ def model_data(model: str, runs: list[dict]) -> ModelData:
 def save_png(fig: Figure, path: Path) -> Path:
     """Write atomically; the same figure gives the same bytes (no timestamp in PNG metadata)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with mpl.rc_context(STYLE):
-        fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+        write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
 
 
@@ -550,10 +565,8 @@ def update_graphs(matrix_dir: PathLike, images_root: PathLike = "images") -> lis
     for (model, _), png in zip(drawn, written):
         dest = images_dir(images_root) / model / png.name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-        shutil.copyfile(png, tmp)
-        os.replace(tmp, dest)
-    S.write_text_atomic(out / "report.md", render_report(path.name, records, drawn, skipped))
+        write_file_atomic(dest, lambda tmp: shutil.copyfile(png, tmp))
+    write_text_atomic(out / "report.md", render_report(path.name, records, drawn, skipped))
     return written
 
 

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 GIB = 1 << 30
+# Folders under results/ that are not runs: trackio's store, the benchmark's output.
+NOT_RUNS = ("trackio", "bench")
 # A failing backend is retried this many samples before the sampler gives up on
 # it: one nvidia-smi timeout should not lose the GPU view for the whole run.
 _MAX_FAILURES = 3
@@ -763,6 +765,14 @@ def render_matrix(results_dir) -> list[str]:
     return lines
 
 
+def newest_results_dir(results_root) -> Path | None:
+    """The most recently modified run or matrix directory under `results_root` (by
+    time: names sort by when a run was *created*, not by when it last wrote)."""
+    root = Path(results_root)
+    found = [p for p in root.iterdir() if p.is_dir() and p.name not in NOT_RUNS] if root.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
 def render_frame(backend, results_dir=None) -> str:
     """One screen of gputop as text; a failing backend falls back to psutil."""
     try:
@@ -784,9 +794,13 @@ def _parse_args(argv):
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
     parser.add_argument("--results", metavar="DIR",
-                        help="a matrix dir, results/<timestamp>_<name>/, one subfolder per cell")
+                        help="a matrix dir, results/<timestamp>_<name>/, one subfolder per cell "
+                             "(default: the newest directory under --results-root)")
+    parser.add_argument("--results-root", metavar="DIR", default="results")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto")
     args = parser.parse_args(argv)
+    if args.results is None:
+        args.results = newest_results_dir(args.results_root)
     if not args.interval > 0:
         parser.error(f"--interval must be > 0 seconds, got {args.interval}")
     return args

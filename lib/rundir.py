@@ -13,18 +13,12 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from . import atomic
 from .config import ROOT
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=_jsonable)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic.write_json_atomic(path, obj, default=_jsonable)
 
 
 def _jsonable(x: Any) -> Any:
@@ -109,19 +103,14 @@ class RunDir:
     def append_metrics(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps(row, default=_jsonable) + "\n")
-            fh.flush()
+        atomic.append_line(self.metrics_path, json.dumps(row, default=_jsonable))
 
     def truncate_metrics(self, max_step: int) -> None:
         """Drop rows after `max_step` (written after the checkpoint we resume from)."""
         if not self.enabled or not self.metrics_path.exists():
             return
         rows = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= max_step]
-        tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
-        with open(tmp, "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, self.metrics_path)
+        atomic.write_text_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def metrics(self) -> list[dict]:
         return read_jsonl(self.metrics_path)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import statistics
 import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .atomic import write_text_atomic
 from .rundir import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,6 +252,12 @@ CSV_FIELDS = (*CONFIG_KEY, "base", "method", "metric_name", "higher_is_better", 
 METRIC_UNITS = {"accuracy": "%", "perplexity": ""}
 
 
+def is_process_rss(row: dict) -> bool:
+    """Memory sampled as the process's resident set: a CPU run, where it holds torch,
+    Python and the data, and differences between methods are noise."""
+    return (row.get("memory_source") or "").endswith("process_rss")
+
+
 def fmt_num(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -272,9 +278,11 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
 def results_table(rows: list[dict]) -> list[str]:
     """The markdown table of `summarize` rows (mean ± std over completed seeds)."""
     alloc = any(r["allocator_peak_mib"] is not None for r in rows)
+    sampled = [r for r in rows if r["peak_mib"] is not None]
+    rss = " (process RSS)" if sampled and all(is_process_rss(r) for r in sampled) else ""
     header = ["model", "method", "target sparsity", "seeds", "failed", "metric",
               "best val (mean ± std)", "test at best val (mean ± std)", "measured sparsity",
-              "peak MiB", "mean MiB", *(["allocator peak MiB"] if alloc else []),
+              f"peak MiB{rss}", f"mean MiB{rss}", *(["allocator peak MiB"] if alloc else []),
               "B/param params", "B/param grads", "B/param optimizer state", "B/param pruning buffers",
               "B/param total", "ms/step"]
     lines = []
@@ -303,7 +311,18 @@ def _sources(rows: list[dict]) -> str:
     return ", ".join(found) if found else "no samples"
 
 
-def render_markdown(name: str, records: list[dict], rows: list[dict]) -> str:
+def _changes_note(changes: list[dict]) -> list[str]:
+    """Configuration changes accepted on resume: cells finished before them ran otherwise."""
+    lines = []
+    for c in changes:
+        what = ", ".join(f"{sym} {old} -> {new}" for sym, old, new in c.get("changes", []))
+        lines.append(f"**Configuration changed on resume** ({c.get('time')}, `make continue "
+                     f"ACCEPT_CONFIG_CHANGES=1`): {what}, for {len(c.get('cells', []))} unfinished cell(s); "
+                     "cells finished before ran with the old values.")
+    return lines + [""] if lines else []
+
+
+def render_markdown(name: str, records: list[dict], rows: list[dict], changes: Optional[list] = None) -> str:
     done = sum(r["status"] == COMPLETED for r in records)
     failed = sum(r["status"] in FAILED_STATUSES for r in records)
     lines = [f"# Summary of {name}", "",
@@ -314,6 +333,11 @@ def render_markdown(name: str, records: list[dict], rows: list[dict]) -> str:
              "validation metric. Memory is the peak and mean sampled during training "
              f"({_sources(rows)}), in MiB (2^20 bytes); bytes/param per component are counted "
              "from the tensors at the end of the run.", ""]
+    lines += _changes_note(changes or [])
+    if any(is_process_rss(r) for r in rows):
+        lines += ["On CPU the sampled memory is the resident set of the whole process (Python, torch "
+                  "and the data included): it does not measure a method's cost, and its differences "
+                  "between methods are noise. Compare the bytes/param columns instead.", ""]
     lines += results_table(rows)
     lines += ["", "## Best method per model and sparsity", "",
               "Chosen on the mean best *validation* metric; the test metric is reported, never "
@@ -359,12 +383,6 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_summary(matrix_dir) -> tuple[Path, Path]:
     """Rebuild summary.csv and summary.md in `matrix_dir` from its run directories."""
     path = Path(matrix_dir)
@@ -372,7 +390,8 @@ def write_summary(matrix_dir) -> tuple[Path, Path]:
     rows = summarize(records)
     csv_path, md_path = path / "summary.csv", path / "summary.md"
     write_text_atomic(csv_path, to_csv(rows))
-    write_text_atomic(md_path, render_markdown(path.name, records, rows))
+    changes = (read_json(path / "matrix.json") or {}).get("config_changes")
+    write_text_atomic(md_path, render_markdown(path.name, records, rows, changes))
     return csv_path, md_path
 
 

@@ -69,10 +69,9 @@ class ClassificationTask:
         return sums["loss"] / n, 100.0 * sums["correct"] / n
 
     def eval_batches(self, split, cfg, rank: int, world_size: int):
-        batches = split.eval_batches(self.eval_batch_size, rank=rank, world_size=world_size)
-        if cfg.eval_batches:
-            batches = (b for i, b in enumerate(batches) if i < cfg.eval_batches)
-        return batches
+        # TRAIN_EVAL_BATCHES counts batches of the whole split, not of each rank.
+        return split.eval_batches(self.eval_batch_size, rank=rank, world_size=world_size,
+                                  max_batches=cfg.eval_batches or 0)
 
 
 def perplexity(mean_loss: float) -> float:

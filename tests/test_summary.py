@@ -232,6 +232,8 @@ def test_write_summary_writes_csv_and_markdown(matrix, tmp_path):
     assert (row["n_seeds"], row["failed"]) == ("1", "1")
     md = md_path.read_text()
     assert "## Best method per model and sparsity" in md and "± " in md and "peak MiB" in md
+    # A CPU matrix: its memory is the process's RSS, and the table and text say so.
+    assert "peak MiB (process RSS)" in md and "does not measure a method's cost" in md
     assert "adamwprune[adamw] + state (bitter1)" in md
     assert "## Cells that did not complete" in md and "the fixture's failed cell" in md
     assert not list(copy.glob(".*.tmp*"))

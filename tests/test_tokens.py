@@ -116,7 +116,7 @@ def test_missing_bpe_cache_offline_names_tiktoken_cache_dir(monkeypatch, tmp_pat
         raise requests.ConnectionError(f"cannot resolve host for {url}")
 
     monkeypatch.setattr(tiktoken.load, "read_file", offline)
-    with pytest.raises(DataPrepError, match="TIKTOKEN_CACHE_DIR=../shared/data/tiktoken-cache"):
+    with pytest.raises(DataPrepError, match="point TIKTOKEN_CACHE_DIR at a folder"):
         prepare_text(SMALL, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

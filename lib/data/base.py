@@ -65,11 +65,14 @@ class ArrayData:
             x = self.normalize(x)
         return x, y
 
-    def eval_batches(self, batch_size: int, rank: int = 0,
-                     world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Every sample once, in order; ranks take interleaved batches."""
+    def eval_batches(self, batch_size: int, rank: int = 0, world_size: int = 1,
+                     max_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every sample once, in order (the first `max_batches` batches if > 0); ranks
+        take interleaved batches, so any number of ranks sees the same batches as one."""
         n = len(self)
         for b, start in enumerate(range(0, n, batch_size)):
+            if max_batches and b >= max_batches:
+                break
             if b % world_size != rank:
                 continue
             x, y = self.x[start:start + batch_size], self.y[start:start + batch_size]

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..atomic import disk_error, write_text_atomic
 from .base import generator_for
 
 # A stream id of its own (prime) keeps token offsets apart from the image
@@ -39,6 +40,13 @@ _ENCODE_CHUNK = 64
 FINEWEB_REPO = "HuggingFaceFW/fineweb-edu"
 _LOCAL_HINT = ("to use a local corpus instead run "
                "python -m adamwprune.data.tokens --source PATH_TO_TXT_FILES --out DIR")
+
+
+# Where the presets' corpus comes from, for a checkout that does not have it beside it.
+CORPUS_HINT = ("The presets read Shakespeare's plays: plain-text files from Project Gutenberg "
+               "(https://www.gutenberg.org/ebooks/author/65, 'Plain Text UTF-8') in one folder, or the single "
+               "file tiny Shakespeare (https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+               "tinyshakespeare/input.txt)")
 
 
 class DataPrepError(RuntimeError):
@@ -58,8 +66,8 @@ def get_encoding(name: str = "gpt2"):
         cache = os.environ.get("TIKTOKEN_CACHE_DIR", "<unset>")
         raise DataPrepError(
             f"cannot load the tiktoken {name!r} BPE files ({type(e).__name__}), probably offline: "
-            f"point TIKTOKEN_CACHE_DIR at a folder of cached files, e.g. "
-            f"TIKTOKEN_CACHE_DIR=../shared/data/tiktoken-cache (now {cache})") from e
+            f"point TIKTOKEN_CACHE_DIR at a folder of tiktoken's cached files (run once with internet, "
+            f"or copy them from a machine that has them; now {cache})") from e
     if enc.n_vocab > 2**16:
         raise DataPrepError(f"encoding {name!r} has {enc.n_vocab} tokens; "
                             "uint16 shards hold at most 65,536")
@@ -75,8 +83,8 @@ def text_files(sources: Iterable[Union[str, Path]]) -> list[Path]:
         elif src.is_file():
             files.append(src)
         else:
-            raise FileNotFoundError(f"text source {src} does not exist; "
-                                    "pass .txt files or folders of them")
+            raise FileNotFoundError(f"text source {src} does not exist; pass .txt files or folders of them "
+                                    f"(GPT2_TEXT_SOURCE=). {CORPUS_HINT}")
     if not files:
         raise FileNotFoundError(f"no .txt files in {', '.join(map(str, sources))}")
     return files
@@ -111,7 +119,10 @@ class _ShardWriter:
         self.docs = {"train": 0, "val": 0}
 
     def add(self, split: str, tokens: list[int]) -> None:
-        np.asarray(tokens, dtype=np.uint16).tofile(self.files[split])
+        try:
+            np.asarray(tokens, dtype=np.uint16).tofile(self.files[split])
+        except OSError as exc:
+            raise disk_error(self.out_dir / f"{split}.bin", exc) from None
         self.tokens[split] += len(tokens)
         self.docs[split] += 1
 
@@ -127,9 +138,7 @@ class _ShardWriter:
         meta = {**meta, "dtype": "uint16",
                 **{f"{s}_tokens": n for s, n in self.tokens.items()},
                 **{f"{s}_docs": n for s, n in self.docs.items()}}
-        tmp_meta = self.out_dir / f".meta.json.{uuid.uuid4().hex[:8]}.tmp"
-        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp_meta, self.out_dir / "meta.json")
+        write_text_atomic(self.out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
         return meta
 
     def __enter__(self) -> "_ShardWriter":
