@@ -29,4 +29,4 @@ __all__ = [
     "AdamWAdv", "AdamWPrune", "AdamWSpam", "MagnitudePruner", "MovementPruner", "NoPruner",
     "StatePruner", "clip_grad_norm_", "memory_report", "param_groups", "prunable_parameters", "sparsity_at",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -27,6 +27,7 @@ def _net(seed=0):
 def test_sparse_from_step_zero_with_exact_counts_per_layer(cls, distribution):
     model = _net()
     pruner = cls(model, 0.8, 0, 30, 10, distribution=distribution)
+    model(torch.zeros(1, 12))  # the first forward puts the step-0 masks on the weights
     for (name, _, p), density in zip(pruner.prunable, pruner.densities):
         active = int((~pruner.masks[name]).sum())
         assert active == round(density * p.numel())
@@ -40,6 +41,7 @@ def test_rigl_drops_the_smallest_weights_and_grows_the_largest_gradients():
     grad = torch.tensor([[0.1, 0.9, -0.2, 0.05], [0.3, -0.8, 0.0, 0.7]])
     layer.weight.register_hook(lambda g: g * 0 + grad)  # before the pruner's: "backward" gives grad
     pruner = RigLPruner(layer, 0.5, 0, 20, 10, drop_fraction=1.0, distribution="uniform")
+    layer(torch.zeros(1, 4))
     with torch.no_grad():  # the active set is what the random initial mask chose
         active = ~pruner.masks["weight"]
         layer.weight.copy_(torch.tensor([[0.5, -0.1, 0.3, 0.2], [-0.4, 0.05, 0.6, -0.7]]))
@@ -167,6 +169,7 @@ def test_adamwprune_regrow_keeps_each_layers_sparsity_while_masks_change(distrib
     model = _net(5)
     opt = _regrow_opt(model, distribution=distribution)
     items = opt._prunable()
+    opt._before_update()  # draws the step-0 masks (the first step would)
     counts = [int(opt.pruned_entries(p).sum()) for p, _ in items]
     first = [opt.pruned_entries(p).clone() for p, _ in items]
     for _ in range(12):
@@ -185,6 +188,7 @@ def test_adamwprune_regrow_drops_by_importance_and_grows_by_gradient():
     opt = _regrow_opt(layer, target_sparsity=0.5, end_step=20, interval=10, drop_fraction=1.0,
                       variant="bitter1", distribution="uniform", lr=0.0, weight_decay=0.0)
     (p, _), = opt._prunable()
+    opt._before_update()  # draws the step-0 masks (the first step would)
     old = opt.pruned_entries(p).clone()
     with torch.no_grad():
         p.copy_(torch.tensor([[0.5, -0.1, 0.3, 0.2], [-0.4, 0.05, 0.6, -0.7]]))
@@ -232,3 +236,54 @@ def test_adamwprune_regrow_refuses_options_that_do_not_apply():
         with pytest.raises(ValueError, match=match):
             AdamWPrune(param_groups(model, 0.0), **{"regrow": "gradient", "target_sparsity": 0.5,
                                                     "end_step": 10, **kw})
+
+
+@pytest.mark.parametrize("cls", [RigLPruner, SETPruner])
+def test_built_over_loaded_weights_then_loaded_the_resume_is_exact(cls):
+    """The usual resume order: load the model, build optimizer and pruner, load their
+    states. Building must not zero live weights (the step-0 masks wait for a forward)."""
+    def fresh():
+        model = _net(8)
+        opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-2)
+        return model, opt, cls(model, 0.6, 0, 40, 4, optimizer=opt, seed=7)
+
+    model, opt, pruner = fresh()
+    _train(model, opt, pruner, 12)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), pruner.state_dict()))
+    _train(model, opt, pruner, 16, start=12)
+    model2 = _net(8)
+    model2.load_state_dict(saved[0])
+    opt2 = torch.optim.AdamW(param_groups(model2, 0.01), lr=1e-2)
+    opt2.load_state_dict(saved[1])
+    pruner2 = cls(model2, 0.6, 0, 40, 4, optimizer=opt2, seed=7)
+    pruner2.load_state_dict(saved[2])
+    _train(model2, opt2, pruner2, 16, start=12)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_adamwprune_regrow_built_over_loaded_weights_then_loaded_resumes_exactly():
+    model = _net(9)
+    opt = _regrow_opt(model, seed=3)
+    _train(model, opt, _NoPruner(), 12)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    _train(model, opt, _NoPruner(), 16, start=12)
+    model2 = _net(9)
+    model2.load_state_dict(saved[0])
+    opt2 = _regrow_opt(model2, seed=3)  # over trained weights: must not draw masks into them
+    opt2.load_state_dict(saved[1])
+    _train(model2, opt2, _NoPruner(), 16, start=12)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_dynamic_sparse_pruners_refuse_options_that_do_not_apply():
+    with pytest.raises(ValueError, match="do not apply"):
+        RigLPruner(_net(), 0.5, 0, 10, 2, scope="layer")
+    with pytest.raises(ValueError, match="do not apply"):
+        SETPruner(_net(), 0.5, 0, 10, 2, schedule="linear")
+    from adamwprune import AdamWPrune
+
+    with pytest.raises(ValueError, match="schedule does not apply"):
+        AdamWPrune(param_groups(_net(), 0.0), target_sparsity=0.5, end_step=10,
+                   regrow="gradient", schedule="linear")

@@ -170,6 +170,7 @@ def test_a_state_dict_from_before_the_encoding_is_converted():
     opt2 = AdamWPrune(param_groups(model, 0.0), lr=1e-2, variant="bitter1", target_sparsity=0.5,
                       start_step=2, end_step=2, interval=1)
     opt2.load_state_dict(old)
+    _run_zero_input(model, opt2, steps=1)  # converted before the next step's update
     assert int(pruned_in(opt2.state[model.weight]["exp_avg_sq"]).sum()) == 56
 
 
@@ -294,3 +295,115 @@ def test_summary_notes_movement_under_coupled_decay():
     (note,) = method_notes([rec("adam", 0.1), rec("adamw", 0.1)])
     assert "coupled L2 decay (adam)" in note
     assert method_notes([rec("adamw", 0.1), rec("adam", 0.0), rec("sgd", 5e-4, "magnitude")]) == []
+
+
+
+# ------------------------------------------------------------ review follow-ups
+def test_an_old_state_dict_loaded_before_the_model_is_still_converted():
+    model = _zero_input_problem()
+    opt = AdamWPrune(param_groups(model, 0.0), lr=1e-2, variant="bitter1", target_sparsity=0.5,
+                     start_step=2, end_step=2, interval=1)
+    _run_zero_input(model, opt, steps=50)
+    weights, old = copy.deepcopy(model.state_dict()), opt.state_dict()
+    old["pruning"] = {"step": old["pruning"]["step"]}
+    old["state"][0]["exp_avg_sq"] = old["state"][0]["exp_avg_sq"].abs()
+    other = _zero_input_problem()
+    opt2 = AdamWPrune(param_groups(other, 0.0), lr=1e-2, variant="bitter1", target_sparsity=0.5,
+                      start_step=2, end_step=2, interval=1)
+    opt2.load_state_dict(old)      # the optimizer first: the weights are not the run's yet
+    other.load_state_dict(weights)
+    _run_zero_input(other, opt2, steps=5)
+    assert int(pruned_in(opt2.state[other.weight]["exp_avg_sq"]).sum()) == 56
+    assert int((other.weight == 0).sum()) == 56
+
+
+def test_a_state_dict_with_an_unknown_encoding_is_refused_before_anything_loads():
+    model = _zero_input_problem()
+    opt = AdamWPrune(param_groups(model, 0.0), lr=1e-2, target_sparsity=0.2, start_step=5,
+                     end_step=5, interval=1)
+    _run_zero_input(model, opt, steps=3)
+    saved = opt.state_dict()
+    saved["pruning"]["encoding"] = "bitmask"
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="bitmask"):
+        opt.load_state_dict(saved)
+    assert opt.state_dict()["state"][0]["step"] == before["state"][0]["step"]
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_clip_factor_is_dropped_when_the_gradients_change(fast):
+    """clip, then model.zero_grad() and a new backward without clipping: the step must
+    not scale the new gradients by the old factor."""
+    if fast and cpu_kernels.load() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.load_error()}")
+    results = []
+    for clip_first in (True, False):
+        model = _tiny_model(6).double()
+        opt = AdamWPrune(param_groups(model, 0.01), lr=1e-2, target_sparsity=0.5, start_step=1,
+                         end_step=1, interval=1, fast=fast)
+        x = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        model(x).square().mean().backward()
+        if clip_first:
+            clip_grad_norm_(opt, 1e-4)
+        model.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_nm_on_the_fast_path_with_no_tensor_the_groups_tile():
+    if cpu_kernels.load() is None:
+        pytest.skip(f"CPU kernels unavailable: {cpu_kernels.load_error()}")
+    model = nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 5))
+    opt = AdamWPrune(param_groups(model, 0.0), lr=1e-2, target_sparsity=0.5, start_step=1,
+                     end_step=1, interval=1, pattern="2:4", fast=True)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    assert not any((p == 0).any() for p in model.parameters())
+    assert opt.dense_tensors() == ["0.weight", "1.weight"]
+
+
+def test_a_prune_group_tensor_without_state_does_not_break_the_step():
+    model = _tiny_model(7)
+    opt = AdamWPrune(param_groups(model, 0.0), lr=1e-2, target_sparsity=0.5, start_step=1,
+                     end_step=1, interval=1)
+    x = torch.randn(4, 16)
+    for _ in range(2):
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    extra = nn.Parameter(torch.randn(3, 3))
+    opt.add_param_group({"params": [extra], "param_names": ["extra"], "prune": True})
+    model(x).sum().backward()
+    opt.step()  # extra has no gradient and no state
+
+
+def test_float16_with_an_eps_that_rounds_to_zero_is_refused():
+    model = _tiny_model(8).half()
+    with pytest.raises(ValueError, match="float16"):
+        AdamWPrune(param_groups(model, 0.0), lr=1e-2, eps=1e-8)
+    AdamWPrune(param_groups(model, 0.0), lr=1e-2, eps=1e-7)
+
+
+@pytest.mark.parametrize("pruner_first", [False, True])
+def test_without_an_optimizer_every_forward_sees_the_mask(pruner_first):
+    model = _tiny_model(9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = MagnitudePruner(model, 0.6, 4, 4, 1)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(pruner.current_sparsity()))
+    torch.manual_seed(2)
+    for _ in range(20):
+        loss = model(torch.randn(16, 16)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        if pruner_first:
+            pruner.step()
+            opt.step()
+        else:
+            opt.step()
+            pruner.step()
+    n = 16 * 32 + 32 * 4
+    assert seen[5:] == [round(0.6 * n) / n] * 15

@@ -66,6 +66,7 @@ FAST_MAX_CANDIDATES = 1 << 22
 FUSED_SAMPLE_RUNS = (1 << 8, 1 << 12)
 FUSED_SAMPLE_STRIDE = 4096
 _FAST_DTYPES = (torch.float32, torch.float64)
+_FP16_TINY = 2.0 ** -24  # float16's smallest subnormal: a smaller eps rounds to 0
 _ADAM_STATE_KEYS = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
 # How a pruned entry is marked (state_dict()["pruning"]["encoding"]): exp_avg_sq holds
 # -0.0 there. A live entry never does (Adam's v only ever adds non-negative terms to
@@ -78,10 +79,14 @@ def pruned_in(exp_avg_sq: torch.Tensor) -> torch.Tensor:
     return torch.signbit(exp_avg_sq) & (exp_avg_sq == 0)
 
 
-def _check_regrow(regrow, scope, pattern, target, drop_fraction, distribution) -> None:
+def _check_regrow(regrow, scope, pattern, target, drop_fraction, distribution,
+                  schedule) -> None:
     """The options of AdamWPrune as a dynamic sparse trainer (or their absence)."""
     if regrow is None:
         return
+    if schedule != "cubic":
+        raise ValueError("schedule does not apply with regrow (the sparsity is constant from "
+                         "step 0); leave it at its default")
     if regrow not in regrowth.REGROW:
         raise ValueError(f"unknown regrow {regrow!r}; valid: None or "
                          f"{', '.join(map(repr, regrowth.REGROW))}")
@@ -111,13 +116,14 @@ class AdamWPrune(torch.optim.Optimizer):
     Idea (AdamWPrune, after the seed project): Adam already holds, per weight,
     m (``exp_avg``) and v (``exp_avg_sq``); ranking entries by a score built
     from w, m and v needs no extra per-weight buffer, and a pruned entry is
-    recognisable from its state alone (w = m = v = 0), so no mask is stored.
+    marked in its own state: its v holds -0.0, a value no live entry can take
+    (v starts at +0.0 and Adam only adds non-negative terms), so no mask is stored.
 
     Each :meth:`step`:
 
     1. If masks are in force (an update step with sparsity > 0 has passed), the
-       gradient is zeroed wherever w == 0 and v == 0 (the pruned entries) in
-       groups marked ``"prune": True``.
+       gradient is zeroed at the pruned entries (v = -0.0) of the groups marked
+       ``"prune": True``.
     2. The base optimizer's step (``base``: AdamW, Adam, AdamWAdv or AdamWSpam),
        e.g. for AdamW: w <- w (1 - lr lambda); m <- b1 m + (1 - b1) g;
        v <- b2 v + (1 - b2) g^2; w <- w - lr m_hat / (sqrt(v_hat) + eps).
@@ -127,16 +133,19 @@ class AdamWPrune(torch.optim.Optimizer):
        prune group is scored by the variant (``adamwprune.optim.importance``;
        bitter0: w^2 |m| / (sqrt(v) + eps), bitter1/bitter2: |w|), already pruned
        entries get -inf (monotone masks), and exactly round(s(t) * N) entries of
-       lowest score (global or per-tensor ranking, ties by index) are pruned:
-       w and every state tensor of w's shape are set to 0 there.
+       lowest score (global or per-tensor ranking, ties by index; or the groups of
+       an N:M ``pattern``; or per tensor at its ERK sparsity, ``scope="erk"``) are
+       pruned: w and every state tensor of w's shape are set to 0 there, v to -0.0.
 
-    With w = m = v (= v_max) = 0 and g = 0 an entry stays 0 under every base, so
-    the mask invariant holds without a mask. With ``target_sparsity = 0`` the
-    steps are exactly the base's.
+    With w = m = v_max = 0, v = -0.0 and g = 0 an entry stays so under every base
+    (the kernels keep v's sign, the plain path restores it after the base's step),
+    so the mask invariant holds without a mask. With ``target_sparsity = 0`` the
+    steps are exactly the base's. ``regrow="gradient"`` makes it a dynamic sparse
+    trainer instead (``adamwprune.optim.regrow``).
 
     Fast path (CPU, fp32/fp64, contiguous tensors; ``adamwprune.optim.cpu_kernels``):
     steps 1 and 2 are one fused C kernel over all tensors; the mask is read
-    inline from w and v, so masking costs no extra pass (bases AdamW, Adam, and
+    inline from v, so masking costs no extra pass (bases AdamW, Adam, and
     AdamWAdv without clipping). On an update step (global scope) the scores are
     computed in that same pass from the new w, m, v: entries below a sampled
     bracket around the k-th score are zeroed on the spot and exactly the missing
@@ -171,7 +180,7 @@ class AdamWPrune(torch.optim.Optimizer):
     Adam's coupled L2, AdamWAdv's clipping + AMSGrad or SPAM's); the pruning in
     steps 1 and 3; ``eps``, ``weight_decay`` and ``amsgrad`` default to the
     base's own defaults (None); ``state_dict()`` carries an extra
-    ``"pruning": {"step": t}`` entry. Param groups and per-parameter state are
+    ``"pruning": {"step": t, "encoding": ...}`` entry. Param groups and per-parameter state are
     the base optimizer's own objects, under torch's key names.
 
     Args:
@@ -208,7 +217,8 @@ class AdamWPrune(torch.optim.Optimizer):
             end_step = start_step
         validate_schedule(target_sparsity, start_step, end_step, schedule)
         _check_int("pruning interval", interval, 1)
-        _check_regrow(regrow, scope, pattern, target_sparsity, drop_fraction, distribution)
+        _check_regrow(regrow, scope, pattern, target_sparsity, drop_fraction, distribution,
+                      schedule)
         scope = scope or "global"
         validate_scope(scope)
         if budget_factor is not None and (isinstance(budget_factor, bool) or not isinstance(
@@ -239,6 +249,10 @@ class AdamWPrune(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer
         self.param_groups = base_optimizer.param_groups
         self.state = base_optimizer.state
+        for group in self.param_groups:
+            if group["eps"] < _FP16_TINY and any(p.dtype == torch.float16 for p in group["params"]):
+                raise ValueError(f"eps={group['eps']:g} is 0 in float16: a pruned entry would get "
+                                 "0/0 = NaN; use eps >= 6e-8 (e.g. 1e-7), or bfloat16/float32")
 
         self.base = base
         self.variant = variant
@@ -252,7 +266,8 @@ class AdamWPrune(torch.optim.Optimizer):
                              pattern)
         self._budget_factor = budget_factor
         self._info = info
-        self._grad_scale: Optional[float] = None  # clip_grad_norm_'s factor for the next step
+        # clip_grad_norm_'s factor for the next step, with the gradients it belongs to
+        self._grad_scale: Optional[tuple[float, list]] = None
         self.fast = fast
         self._fast_cpu_kernel = info.cpu_kernel
         self._numel_cache: tuple[tuple[int, ...], int] = ((), 0)
@@ -272,7 +287,19 @@ class AdamWPrune(torch.optim.Optimizer):
         if self.target_sparsity > 0 and not any(g["prune"] for g in self.param_groups):
             raise ValueError("target_sparsity > 0 but no param group has \"prune\": True; build "
                              "the groups with adamwprune.params.param_groups(model, ...)")
-        if regrow:
+        self._convert_pending = False
+        # regrow: the step-0 masks are drawn by the first step (or clip), not here, so
+        # that building the optimizer over loaded weights and then loading its state
+        # (a resume) never zeroes live weights.
+        self._masks_drawn = not regrow
+
+    def _before_update(self) -> None:
+        """What must happen before the first update that follows a construction or a
+        load: converting an old state_dict, drawing a regrowing run's masks."""
+        if self._convert_pending:
+            self._convert_old_encoding()
+        if not self._masks_drawn:
+            self._masks_drawn = True
             regrowth.initial_masks(self, self._ensure_state)
 
     def _ensure_state(self, p: torch.Tensor, group: dict) -> None:
@@ -334,7 +361,8 @@ class AdamWPrune(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        scale, self._grad_scale = self._grad_scale, None
+        self._before_update()
+        scale = self._take_grad_scale()
         in_force = self.masks_in_force()
         t = self.pruning_step + 1
         update = self.target_sparsity > 0 and is_update_step(
@@ -383,7 +411,9 @@ class AdamWPrune(torch.optim.Optimizer):
                 torch._foreach_mul_(grads, scale)
         self.base_optimizer.step()
         for p, mask in pruned:
-            self.state[p]["exp_avg_sq"].masked_fill_(mask, -0.0)
+            v = self.state[p].get("exp_avg_sq")
+            if v is not None:  # a tensor without state has nothing pruned
+                v.masked_fill_(mask, -0.0)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
@@ -398,6 +428,7 @@ class AdamWPrune(torch.optim.Optimizer):
         masked, unscaled gradient). :meth:`zero_grad` drops a factor not yet used."""
         max_norm, norm_type = float(max_norm), float(norm_type)
         self._grad_scale = None
+        self._before_update()
         in_force = self.masks_in_force()
         if self.regrow and self._regrow_next():
             return self._clip_keeping_dense(max_norm, norm_type, error_if_nonfinite)
@@ -407,7 +438,7 @@ class AdamWPrune(torch.optim.Optimizer):
                 raise RuntimeError(f"The total norm of order {norm_type} for gradients is "
                                    "non-finite, so it cannot be clipped")
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            self._grad_scale = float(coef)
+            self._grad_scale = (float(coef), self._grad_signature())
             return total
         if in_force:
             for p, _ in self._prunable():
@@ -440,6 +471,21 @@ class AdamWPrune(torch.optim.Optimizer):
         torch._foreach_mul_([p.grad for g in self.param_groups for p in g["params"]
                              if p.grad is not None], coef)
         return total
+
+    def _grad_signature(self) -> list:
+        """Which gradients a clipping factor belongs to: each tensor and its version
+        (a new backward, ``model.zero_grad()`` or any in-place change moves them)."""
+        return [(id(p.grad), p.grad._version) for g in self.param_groups for p in g["params"]
+                if p.grad is not None]
+
+    def _take_grad_scale(self) -> Optional[float]:
+        """clip_grad_norm_'s factor for this step, if it was computed for these very
+        gradients (else dropped: they were never clipped)."""
+        pending, self._grad_scale = self._grad_scale, None
+        if pending is None:
+            return None
+        factor, signature = pending
+        return factor if signature == self._grad_signature() else None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._grad_scale = None
@@ -714,6 +760,8 @@ class AdamWPrune(torch.optim.Optimizer):
         n, m = self.rule.nm
         variant = FAST_SCORES.get(self.importance.fn)
         tiled = [(p, g) for p, g in items if nm_applies(p.shape, m)]
+        if not tiled:
+            return True  # every tensor stays dense
         if variant is None or m not in cpu_kernels.NM_GROUPS or len({p.dtype for p, _ in tiled}) > 1:
             return False
         rows = [self._fast_prune_pointers(p) for p, _ in tiled]
@@ -733,8 +781,8 @@ class AdamWPrune(torch.optim.Optimizer):
             dtype = tiled[members[0]][0].dtype
             hist = kernels.nm_hist(dtype, ptrs, numel, eps, variant, n, m)
             cut = _threshold(hist, num_to_prune(fraction, groups), groups)
-            if cut is None:
-                return False  # (only before the first set: ties this massive are at the start)
+            if cut is None:  # massive exact ties: the plain rule redoes every set (those
+                return False  # done already are N:M groups at -inf cost: the same result)
             if cut[0] > 0:
                 kernels.nm_apply(dtype, ptrs, numel, eps, offsets, variant, n, m, *cut)
         return True
@@ -843,6 +891,10 @@ class AdamWPrune(torch.optim.Optimizer):
         if pruning is None:
             raise ValueError("this state_dict has no \"pruning\" entry; it was not saved "
                              "from an AdamWPrune optimizer")
+        encoding = pruning.get("encoding")
+        if encoding not in (None, ENCODING):
+            raise ValueError(f"this state_dict marks pruned entries as {encoding!r}; this "
+                             f"version of AdamWPrune reads {ENCODING!r}")
         self.base_optimizer.load_state_dict(state_dict)
         # torch's load_state_dict replaces the base's group list and state dict.
         self.param_groups = self.base_optimizer.param_groups
@@ -850,24 +902,25 @@ class AdamWPrune(torch.optim.Optimizer):
         self.pruning_step = int(pruning["step"])
         self._fast_rows = {}
         self._gpu_plan = None
-        encoding = pruning.get("encoding")
-        if encoding is None:
-            self._convert_old_encoding()
-        elif encoding != ENCODING:
-            raise ValueError(f"this state_dict marks pruned entries as {encoding!r}; this "
-                             f"version of AdamWPrune reads {ENCODING!r}")
+        self._masks_drawn = True  # a regrowing run's masks are in the state loaded
+        # A state_dict saved before the -0.0 encoding (version 0.1) marked a pruned entry
+        # by w == 0 and v == 0 (w == 0 alone without state): converted at the next step
+        # or clip, once the model's weights are surely loaded too, whatever the order.
+        self._convert_pending = encoding is None
 
     @torch.no_grad()
     def _convert_old_encoding(self) -> None:
-        """A state_dict saved before the -0.0 encoding (version 0.1.0) marked a pruned
-        entry by w == 0 and v == 0 alone: mark those entries the new way. Call after
-        the model's weights are loaded (as the engine's resume does)."""
+        """Mark the entries an old (0.1) state_dict took for pruned the new way."""
+        self._convert_pending = False
         if not self.masks_in_force():
             return
-        for p, _ in self._prunable():
-            v = self.state[p].get("exp_avg_sq") if p in self.state else None
-            if v is not None:
-                v.masked_fill_((p == 0) & (v == 0), -0.0)
+        for p, group in self._prunable():
+            if not self.state[p]:
+                self._ensure_state(p, group)
+                pruned = p == 0
+            else:
+                pruned = (p == 0) & (self.state[p]["exp_avg_sq"] == 0)
+            self.state[p]["exp_avg_sq"].masked_fill_(pruned, -0.0)
 
 
 # ---------------------------------------------------------------- GPU tables

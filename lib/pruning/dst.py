@@ -15,7 +15,12 @@ tensor holds exactly its number of active entries at every step; a weight grown 
 
 Masks are kept like magnitude pruning's: pruned weights are 0, a gradient hook
 zeroes their gradient, and the optimizer state there is zeroed (or, without an
-optimizer, the weights are re-masked after every step). RigL's dense gradient is
+optimizer, the weights are re-masked before every forward and after every step).
+The step-0 masks are drawn when the pruner is built and applied to the weights by
+the model's first forward (a forward pre-hook), so building the pruner over loaded
+weights and then loading its state (a resume) never zeroes live weights. ``scope``
+and ``schedule`` do not apply (``distribution`` sets each layer's density; the
+sparsity is constant): anything but their defaults is refused. RigL's dense gradient is
 the gradient the hook sees before masking, summed over micro-batches, on the steps
 whose ``step()`` updates the masks only, and averaged over DDP ranks before it is
 used, so masks stay identical on every rank; SET's random draws and the initial
@@ -60,6 +65,10 @@ class DynamicSparsePruner(Pruner):
                  interval: int, schedule: str = "cubic", scope: str = "global",
                  prune_embeddings: bool = False, optimizer: Optional[torch.optim.Optimizer] = None,
                  drop_fraction: float = 0.3, distribution: str = "erk", seed: int = 0) -> None:
+        if scope != "global" or schedule != "cubic":
+            raise ValueError(f"{type(self).__name__}: scope and schedule do not apply to dynamic "
+                             "sparse training (distribution= sets each layer's density; the "
+                             "sparsity is constant); leave them at their defaults")
         super().__init__(model, target_sparsity, start_step, end_step, interval, schedule, scope,
                          prune_embeddings, None)
         if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, Real) or \
@@ -79,14 +88,21 @@ class DynamicSparsePruner(Pruner):
             self.masks[name] = pruned.reshape(p.shape).to(p.device)
         self._dense_grads: dict[str, torch.Tensor] = {}
         self._hooks = [p.register_hook(self._gradient_masker(name)) for name, _, p in self.prunable]
-        self._apply_masks()
+        self._applied = False  # the masks reach the weights at the first forward
+        self._forward_hook = model.register_forward_pre_hook(self._before_forward)
         if optimizer is not None:
             self.attach(optimizer)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        super().attach(optimizer)
+    def _before_forward(self, module, args) -> None:
+        if not self._applied or self.optimizer is None:
+            self._apply_masks()
+
+    @torch.no_grad()
+    def _apply_masks(self) -> None:
         for name, _, p in self.prunable:
-            zero_optimizer_state(optimizer, p, self.masks[name])
+            p.masked_fill_(self.masks[name], 0)
+            zero_optimizer_state(self.optimizer, p, self.masks[name])
+        self._applied = True
 
     # -- gradients
     def _gradient_masker(self, name: str):
@@ -112,11 +128,6 @@ class DynamicSparsePruner(Pruner):
         self._dense_grads = {}
         if self.optimizer is None:
             self._apply_masks()
-
-    @torch.no_grad()
-    def _apply_masks(self) -> None:
-        for name, _, p in self.prunable:
-            p.masked_fill_(self.masks[name], 0)
 
     @torch.no_grad()
     def _update_masks(self, fraction: float) -> None:
@@ -171,6 +182,7 @@ class DynamicSparsePruner(Pruner):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._forward_hook.remove()
 
 
 class RigLPruner(DynamicSparsePruner):

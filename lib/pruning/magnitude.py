@@ -21,9 +21,9 @@ class MagnitudePruner(Pruner):
     decoupled decay, AMSGrad) can revive it, so no per-step re-masking is needed.
     Without an optimizer (``optimizer=None``, as torch.ao.pruning's sparsifiers are
     used) its state cannot be zeroed, and momentum would move pruned weights again:
-    the masks are then re-applied to the weights after every step. On an update step
-    the gradient already in ``p.grad`` is masked too, so calling ``pruner.step()``
-    before ``optimizer.step()`` does not revive the entries just pruned.
+    the masks are then re-applied to the weights before every forward of the model
+    (a forward pre-hook) and after every ``step()``, so every forward, in either order
+    of ``optimizer.step()`` and ``pruner.step()``, sees exactly the pruned weights at 0.
 
     Buffers: one bool mask per prunable tensor (True = pruned), 1 B/entry.
     Build the pruner after the model is on its device.
@@ -41,13 +41,21 @@ class MagnitudePruner(Pruner):
         self._hooks = [p.register_hook(self._gradient_masker(name))
                        for name, _, p in self.prunable]
         self._masked = False  # some entry is pruned (then re-masking without optimizer)
+        self._forward_hook = model.register_forward_pre_hook(self._before_forward)
+
+    def _before_forward(self, module, args) -> None:
+        if self.optimizer is None and self._masked:
+            self._remask()
+
+    @torch.no_grad()
+    def _remask(self) -> None:
+        for name, _, p in self.prunable:
+            p.masked_fill_(self.masks[name], 0)
 
     def step(self) -> None:
         super().step()
         if self.optimizer is None and self._masked:
-            with torch.no_grad():
-                for name, _, p in self.prunable:
-                    p.masked_fill_(self.masks[name], 0)
+            self._remask()
 
     def _gradient_masker(self, name: str):
         def mask_gradient(grad: torch.Tensor) -> torch.Tensor:
@@ -88,3 +96,4 @@ class MagnitudePruner(Pruner):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        self._forward_hook.remove()

@@ -77,6 +77,11 @@ class SRSTEPruner(Pruner):
             target_sparsity = nm_sparsity(pattern)
         if isinstance(decay, bool) or not isinstance(decay, Real) or not decay >= 0:
             raise ValueError(f"SR-STE decay (lambda_w) must be a number >= 0, got {decay!r}")
+        if end_step not in (None, start_step) or interval != 1 or schedule != "cubic" or \
+                scope != "global":
+            raise ValueError("SRSTEPruner: end_step, interval, schedule and scope do not apply "
+                             "(the N:M mask is recomputed at every forward from start_step on); "
+                             "leave them at their defaults")
         end = start_step if end_step is None else max(end_step, start_step)
         super().__init__(model, target_sparsity, start_step, end, interval, schedule, scope,
                          prune_embeddings, optimizer, pattern)
