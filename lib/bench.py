@@ -152,6 +152,14 @@ def build_methods(model: nn.Module, device: torch.device, interval: int,
                          fast=fast, **sched)
         pruner = StatePruner(own, TARGET, 0, end, interval, optimizer=opt)
         methods.append(Method(name, opt, pruner, _counter(opt, pruner)))
+    # AdamWPrune at 2:4 (its target is the pattern's 0.5): the same masked step, and the
+    # N:M mask update (two passes over the groups in the CPU kernels).
+    own = _copy(model)
+    nm_sched = dict(sched, target_sparsity=0.5)
+    opt = AdamWPrune(param_groups(own, 0.1), lr=1e-4, weight_decay=0.1, variant="bitter0",
+                     pattern="2:4", **nm_sched)
+    pruner = StatePruner(own, 0.5, 0, end, interval, optimizer=opt, pattern="2:4")
+    methods.append(Method("adamwprune_2:4", opt, pruner, _counter(opt, pruner)))
     # Clipping scales (and AdamWPrune's masks) the gradients in place: own copies.
     methods.append(Method("adamw_clip", _fastest_adamw(param_groups(_copy(model, False), 0.1)),
                           _NullPruner(), lambda t: None, clip=CLIP_NORM, baseline="adamw_clip",

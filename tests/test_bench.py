@@ -41,10 +41,11 @@ def test_json_holds_the_four_headline_figures(bench):
 def test_every_method_reached_the_target_in_the_timed_steps(bench):
     result, stdout = bench
     shape = result["shapes"]["gpt2-mini"]
-    assert set(shape["sparsity_after_ramp"]) == {"adamwprune", "adamwprune_clip", "magnitude",
-                                                 "movement"}
+    assert set(shape["sparsity_after_ramp"]) == {"adamwprune", "adamwprune_clip", "adamwprune_2:4",
+                                                 "magnitude", "movement"}
     for method, sparsity in shape["sparsity_after_ramp"].items():
-        assert sparsity == pytest.approx(TARGET, abs=1e-3), method
+        target = 0.5 if method.endswith("2:4") else TARGET
+        assert sparsity == pytest.approx(target, abs=1e-3), method
     assert "sparsity after the ramp (target 0.9)" in stdout
 
 
@@ -54,3 +55,5 @@ def test_adamwprune_updates_ran_in_the_fused_cpu_kernel(bench):
     for method in ("adamwprune", "adamwprune_clip"):  # clipping keeps the step fused
         paths = result["shapes"]["gpt2-mini"]["update_paths"][method]
         assert set(paths) == {"cpu-fused"} and paths["cpu-fused"] > 100, (method, paths)
+    paths = result["shapes"]["gpt2-mini"]["update_paths"]["adamwprune_2:4"]
+    assert set(paths) == {"cpu"} and paths["cpu"] > 100, paths  # the N:M group kernels

@@ -29,11 +29,12 @@ class StatePruner(Pruner):
 
     def _check_matches(self, optimizer) -> None:
         mine = (self.target_sparsity, self.start_step, self.end_step, self.interval,
-                self.schedule, self.scope)
+                self.schedule, self.scope, self.pattern)
         theirs = (optimizer.target_sparsity, optimizer.start_step, optimizer.end_step,
-                  optimizer.interval, optimizer.schedule, optimizer.scope)
+                  optimizer.interval, optimizer.schedule, optimizer.scope, optimizer.pattern)
         if (self.target_sparsity > 0 or optimizer.target_sparsity > 0) and mine != theirs:
-            raise ValueError(f"StatePruner (target, start, end, interval, schedule, scope) = "
+            raise ValueError(f"StatePruner (target, start, end, interval, schedule, scope, "
+                             f"pattern) = "
                              f"{mine} but its AdamWPrune has {theirs}; build both from one config")
         in_groups = {id(p) for g in optimizer.param_groups if g["prune"] for p in g["params"]}
         prunable = {id(p) for _, _, p in self.prunable}
