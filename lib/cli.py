@@ -234,6 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e = sub.add_parser("evaluate", help="evaluate a run's best checkpoint")
     e.add_argument("--run", type=Path, required=True)
     e.add_argument("--data-dir")
+    x = sub.add_parser("export", help="write a run's best model as safetensors, compressed, HF")
+    x.add_argument("--run", type=Path, required=True)
     args = p.parse_args(argv)
     try:
         if args.cmd == "run":
@@ -268,6 +270,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "evaluate":
             evaluate_run(args.run, args.data_dir)
             return 0
+        if args.cmd == "export":
+            from .export import export_run
+
+            report = export_run(args.run)
+            return 0 if report["test_metric"]["all_equal"] else 1
     except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError, MatrixBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
