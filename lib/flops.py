@@ -1,8 +1,8 @@
 """Forward FLOPs of a model, dense and non-zero (the two counts ShrinkBench asks for).
 
 A multiply-add is 2 FLOPs. The dense count is ``torch.utils.flop_counter``'s over one
-forward (matrix products, convolutions, attention); element-wise work (norms,
-activations, softmax) is not counted, as there. The non-zero count is the same
+forward (matrix products, convolutions, attention, whose causal mask is not
+subtracted); element-wise work (norms, activations, softmax) is not counted, as there. The non-zero count is the same
 forward with the multiply-adds of zero weights left out of the prunable layers
 (``adamwprune.params.prunable_parameters``): a layer whose weight has density d does
 d of its dense FLOPs, because each weight entry takes part in the same number of
@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .params import prunable_parameters
 
@@ -50,6 +50,15 @@ def _layer_flops(module: nn.Module, output: torch.Tensor) -> int:
     return 0  # a pruned embedding: a lookup, no multiply-adds
 
 
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one that
+# scaled_dot_product_attention dispatches to; counted with the same formula.
+_EXTRA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, forward: Callable[[], Any],
                 prune_embeddings: bool = False) -> FlopCount:
@@ -65,7 +74,7 @@ def count_flops(model: nn.Module, forward: Callable[[], Any],
             entry["dense"] += dense
             entry["nonzero"] += nonzero
         handles.append(module.register_forward_hook(hook))
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA)
     try:
         with counter:
             forward()
