@@ -1,0 +1,131 @@
+"""Sparse inference on the CPU: the C kernels against torch in float64, the torch-CSR
+fallback, and sparsify() on whole models (tied heads and convolutions stay dense)."""
+import pytest
+import torch
+from torch import nn
+
+from adamwprune.inference import SparseLinear, sparsify
+from adamwprune.inference import cpu_kernels
+from adamwprune.models.gpt2 import GPT, gpt_config
+from adamwprune.models.lenet5 import LeNet5
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C compiler: torch CSR runs")
+
+
+def pruned_linear(n_in, n_out, sparsity, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n_out, n_in, generator=g))
+        lin.weight.mul_(torch.rand(n_out, n_in, generator=g) >= sparsity)
+        if bias:
+            lin.bias.copy_(torch.randn(n_out, generator=g))
+    return lin
+
+
+def reference(lin, x):
+    y = x.double() @ lin.weight.double().t()
+    return y if lin.bias is None else y + lin.bias.double()
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 2, 15, 16, 17, 64, 100, 130])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_matches_float64_for_every_token_count(tokens, bias):
+    lin = pruned_linear(200, 70, 0.9, bias)  # 70 rows: a partial 16-row block
+    layer = SparseLinear(lin, use_kernel=True)
+    assert layer.path == "kernel"
+    x = torch.randn(tokens, 200, generator=torch.Generator().manual_seed(tokens))
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (tokens, 70) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), reference(lin, x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_handles_batched_inputs_empty_rows_and_many_threads():
+    lin = pruned_linear(96, 40, 0.5)
+    with torch.no_grad():
+        lin.weight[3].zero_()  # a row with no non-zero
+    layer = SparseLinear(lin, use_kernel=True)
+    x = torch.randn(3, 7, 96)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            y2 = layer(x)
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            y1 = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y2)  # the order of the additions does not depend on threads
+    torch.testing.assert_close(y1.double(), reference(lin, x), rtol=1e-5, atol=1e-5)
+    assert torch.all(y1[..., 3] == lin.bias[3])
+
+
+def test_torch_csr_fallback_matches_float64():
+    lin = pruned_linear(64, 32, 0.8)
+    layer = SparseLinear(lin, use_kernel=False)
+    assert layer.path == "torch-csr"
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), reference(lin, x), rtol=1e-5, atol=1e-5)
+
+
+def test_csr_weight_stores_six_bytes_per_nonzero():
+    layer = SparseLinear(pruned_linear(768, 300, 0.9))
+    w = layer.weight_csr
+    assert w.nbytes() == 6 * w.nnz + 4 * (300 + 1)
+    assert torch.equal(w.dense(), layer_dense(layer))
+
+
+def layer_dense(layer):
+    w = layer.weight_csr
+    dense = torch.zeros(w.rows, w.cols)
+    rows = torch.repeat_interleave(torch.arange(w.rows), (w.row_ptr[1:] - w.row_ptr[:-1]).long())
+    dense[rows, w.col.long() & 0xFFFF] = w.val
+    return dense
+
+
+def test_column_indices_above_32767_are_read_unsigned():
+    lin = nn.Linear(40000, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[0, 39999] = 2.0
+        lin.weight[1, 32768] = 3.0
+    layer = SparseLinear(lin)
+    x = torch.zeros(1, 40000)
+    x[0, 39999], x[0, 32768] = 5.0, 7.0
+    with torch.no_grad():
+        assert layer(x).tolist() == [[10.0, 21.0]]
+
+
+def test_sparsify_swaps_sparse_untied_linears_and_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = GPT(gpt_config("tiny", vocab_size=128)).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for lin in (block.attn.c_attn, block.mlp.c_fc, block.mlp.c_proj):
+                lin.weight.mul_(torch.rand_like(lin.weight) >= 0.9)
+    x = torch.randint(0, 128, (2, 32))
+    with torch.no_grad():
+        before = model(x)[0]
+        sparsify(model)
+        after = model(x)[0]
+    kinds = {n: type(m).__name__ for n, m in model.named_modules()}
+    assert kinds["transformer.h.0.mlp.c_fc"] == "SparseLinear"
+    assert kinds["transformer.h.0.attn.c_proj"] == "Linear"  # dense: below min_sparsity
+    assert kinds["lm_head"] == "Linear"  # tied to the embedding
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsify_leaves_convolutions_dense():
+    model = LeNet5().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(torch.rand_like(m.weight) >= 0.95)
+    sparsify(model)
+    assert isinstance(model.features[0], nn.Conv2d)
+    assert all(isinstance(model.classifier[i], SparseLinear) for i in (1, 3, 5))
