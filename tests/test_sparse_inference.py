@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from adamwprune.inference import SparseLinear, sparsify
+from adamwprune.inference import SparseConv2d, SparseLinear, sparsify
 from adamwprune.inference import cpu_kernels
 from adamwprune.models.gpt2 import GPT, gpt_config
 from adamwprune.models.lenet5 import LeNet5
@@ -111,8 +111,10 @@ def test_sparsify_swaps_sparse_untied_linears_and_keeps_the_outputs():
     x = torch.randint(0, 128, (2, 32))
     with torch.no_grad():
         before = model(x)[0]
-        sparsify(model)
+        choices = sparsify(model)
         after = model(x)[0]
+    assert {c.name for c in choices if c.sparse} == {
+        f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")}
     kinds = {n: type(m).__name__ for n, m in model.named_modules()}
     assert kinds["transformer.h.0.mlp.c_fc"] == "SparseLinear"
     assert kinds["transformer.h.0.attn.c_proj"] == "Linear"  # dense: below min_sparsity
@@ -120,12 +122,48 @@ def test_sparsify_swaps_sparse_untied_linears_and_keeps_the_outputs():
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-def test_sparsify_leaves_convolutions_dense():
+def pruned_lenet(sparsity=0.95):
+    torch.manual_seed(0)
     model = LeNet5().eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.mul_(torch.rand_like(m.weight) >= 0.95)
-    sparsify(model)
-    assert isinstance(model.features[0], nn.Conv2d)
+                m.weight.mul_(torch.rand_like(m.weight) >= sparsity)
+    return model
+
+
+def test_sparsify_without_a_measurement_leaves_convolutions_dense():
+    model = pruned_lenet()
+    choices = sparsify(model)
+    assert isinstance(model.features[0], nn.Conv2d) and isinstance(model.features[3], nn.Conv2d)
     assert all(isinstance(model.classifier[i], SparseLinear) for i in (1, 3, 5))
+    assert [c.sparse for c in choices if c.kind == "Conv2d"] == [False, False]
+
+
+def test_sparsify_with_an_example_swaps_exactly_the_layers_measured_faster():
+    model = pruned_lenet()
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    choices = sparsify(model, lambda: model(x), repeats=2)
+    assert len(choices) == 5 and all(c.reason == "measured" for c in choices)
+    for c in choices:
+        assert c.dense_ms > 0 and c.sparse_ms > 0 and c.sparse == (c.sparse_ms < c.dense_ms)
+        module = model.get_submodule(c.name)
+        assert isinstance(module, (SparseLinear, SparseConv2d)) == c.sparse
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride,padding,k", [(1, 1, 3), (2, 1, 3), (2, 0, 1), (1, 0, 5)])
+def test_sparse_conv_matches_the_dense_convolution(stride, padding, k):
+    torch.manual_seed(stride + padding + k)
+    conv = nn.Conv2d(8, 12, k, stride=stride, padding=padding)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) >= 0.8)
+    x = torch.randn(3, 8, 11, 11)
+    with torch.no_grad():
+        want = conv(x.double().float())
+        got = SparseConv2d(conv)(x)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

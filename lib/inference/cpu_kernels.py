@@ -27,6 +27,7 @@ import torch
 
 SOURCE_PATH = Path(__file__).with_name("sparse_cpu.c")
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno"]
+TILE = 64  # tokens per tile of spmm_f32 (sparse_cpu.c)
 ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 
 
@@ -36,13 +37,18 @@ class Kernels:
     path: Path
 
     def spmv(self, w, x: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor) -> None:
+        assert x.is_contiguous() and y.is_contiguous()
         self.lib.spmv_f32(w.rows, w.row_ptr.data_ptr(), w.col.data_ptr(), w.val.data_ptr(),
                           x.data_ptr(), _ptr(bias), y.data_ptr(), torch.get_num_threads())
 
-    def spmm(self, w, xt: torch.Tensor, tokens: int, bias, y: torch.Tensor) -> None:
-        self.lib.spmm_f32(w.rows, tokens, xt.shape[1], w.row_ptr.data_ptr(), w.col.data_ptr(),
-                          w.val.data_ptr(), xt.data_ptr(), _ptr(bias), y.data_ptr(),
-                          torch.get_num_threads())
+    def spmm(self, w, x: torch.Tensor, bias, y: torch.Tensor) -> None:
+        """y = x @ W.T + bias for x [tokens, cols] (contiguous float32)."""
+        assert x.is_contiguous() and y.is_contiguous()
+        tokens = x.shape[0]
+        work = torch.empty(-(-tokens // TILE) * w.cols * TILE, dtype=torch.float32)
+        self.lib.spmm_f32(w.rows, w.cols, tokens, w.row_ptr.data_ptr(), w.col.data_ptr(),
+                          w.val.data_ptr(), x.data_ptr(), work.data_ptr(), _ptr(bias),
+                          y.data_ptr(), torch.get_num_threads())
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -104,7 +110,7 @@ def _build() -> Kernels:
     lib = ctypes.CDLL(str(path))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.spmv_f32.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
-    lib.spmm_f32.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+    lib.spmm_f32.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     for fn in (lib.spmv_f32, lib.spmm_f32):
         fn.restype = None
     return Kernels(lib, path)

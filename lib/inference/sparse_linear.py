@@ -3,30 +3,21 @@
 ``SparseLinear`` holds a weight in CSR (int32 row offsets, uint16 column indices,
 fp32 values: 6 bytes per non-zero) and computes ``x @ W.T + b`` with the kernels of
 ``sparse_cpu.c``, or with torch's CSR product where they cannot be built (no C
-compiler) or do not apply (a layer with more than 65,536 inputs). ``sparsify(model)``
-swaps every Linear layer of at least ``min_sparsity`` for one (tied weights, e.g.
-GPT-2's head, stay dense). Convolutions stay dense: no sparse path measured here
-beats oneDNN's dense convolution (docs/performance.md).
-
-    from adamwprune.inference import sparsify
-    model = sparsify(model.eval())        # in place; returns the model
-    with torch.no_grad():
-        y = model(x)
+compiler) or do not apply (a layer with more than 65,536 inputs). ``SparseConv2d``
+is the same product behind an im2col. ``adamwprune.inference.sparsify`` decides
+which layers of a model to swap.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
 
 MAX_COLS = 2**16  # uint16 column indices
-# Measured with `make bench` (sparse_inference_speedup) on this project's 2-core CPU:
-# at 50 % the sparse kernel already beats dense at one token but not at 512 tokens;
-# from 70 % on it beats dense at both. Layers below this stay dense.
-DEFAULT_MIN_SPARSITY = 0.7
 
 
 class CSRWeight:
@@ -61,11 +52,7 @@ class SparseLinear(nn.Module):
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
                                                            requires_grad=False)
-        fits = self.in_features <= MAX_COLS
-        self.kernels = cpu_kernels.load() if (use_kernel is not False and fits) else None
-        if use_kernel and self.kernels is None:
-            raise RuntimeError(f"the sparse CPU kernel is unavailable: "
-                               f"{cpu_kernels.load_error() or 'more than 65,536 inputs'}")
+        self.kernels = _kernels_for(self.in_features, use_kernel)
 
     @property
     def path(self) -> str:
@@ -77,58 +64,56 @@ class SparseLinear(nn.Module):
                 f"nnz={w.nnz} ({100 * (1 - w.nnz / (w.rows * w.cols)):.1f}% sparse), {self.path}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if self.kernels is None or x2.device.type != "cpu" or x2.dtype != torch.float32:
-            return self._torch_forward(x2).reshape(*shape[:-1], self.out_features)
-        x2 = x2.contiguous()
-        tokens = x2.shape[0]
-        y = torch.empty(tokens, self.out_features, dtype=torch.float32)
-        w, b = self.weight_csr, self.bias
-        if tokens == 1:
-            self.kernels.spmv(w, x2, b, y)
-        elif tokens > 1:
-            self.kernels.spmm(w, _transposed_padded(x2), tokens, b, y)
-        return y.reshape(*shape[:-1], self.out_features)
+        y = csr_matmul(self.kernels, self.weight_csr, x.reshape(-1, self.in_features), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        csr = self.weight_csr._torch_csr.to(device=x2.device, dtype=x2.dtype)
+
+def csr_matmul(kernels, w: CSRWeight, x2: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x2 [tokens, cols] @ W.T + bias: the C kernels for CPU float32, else torch's CSR."""
+    if kernels is None or x2.device.type != "cpu" or x2.dtype != torch.float32:
+        csr = w._torch_csr.to(device=x2.device, dtype=x2.dtype)
         y = torch.sparse.mm(csr, x2.t()).t()
-        return y if self.bias is None else y + self.bias.to(x2)
+        return y if bias is None else y + bias.to(x2)
+    x2 = x2.contiguous()
+    y = torch.empty(x2.shape[0], w.rows, dtype=torch.float32)
+    if x2.shape[0] == 1:
+        kernels.spmv(w, x2, bias, y)
+    elif x2.shape[0] > 1:
+        kernels.spmm(w, x2, bias, y)
+    return y
 
 
-def _transposed_padded(x2: torch.Tensor) -> torch.Tensor:
-    """x2 [tokens, cols] as [cols, stride], stride = tokens rounded up to 16, zero-padded."""
-    tokens, cols = x2.shape
-    stride = -(-tokens // 16) * 16
-    if stride == tokens:
-        return x2.t().contiguous()
-    xt = torch.zeros(cols, stride, dtype=x2.dtype)
-    xt[:, :tokens] = x2.t()
-    return xt
+def _kernels_for(cols: int, use_kernel: Optional[bool]):
+    kernels = cpu_kernels.load() if (use_kernel is not False and cols <= MAX_COLS) else None
+    if use_kernel and kernels is None:
+        raise RuntimeError(f"the sparse CPU kernel is unavailable: "
+                           f"{cpu_kernels.load_error() or 'more than 65,536 inputs'}")
+    return kernels
 
 
-def _tied(model: nn.Module) -> set[int]:
-    """Weights that more than one module uses (a head tied to an embedding)."""
-    seen: dict[int, int] = {}
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        if isinstance(w, torch.Tensor):
-            seen[id(w)] = seen.get(id(w), 0) + 1
-    return {k for k, n in seen.items() if n > 1}
+class SparseConv2d(nn.Module):
+    """Inference-only Conv2d (groups=1) as im2col (``F.unfold``) times the CSR weight
+    ``[out, in*kh*kw]``. Faster than the dense convolution only where few output
+    positions share each weight (a small image, a deep layer): ``sparsify`` uses it
+    only where it measured it faster on the layer's real input."""
 
+    def __init__(self, conv: nn.Conv2d, use_kernel: Optional[bool] = None):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("SparseConv2d takes groups=1, zero-padded convolutions with numeric padding")
+        self.out_channels, self.kernel_size = conv.out_channels, conv.kernel_size
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.weight_csr = CSRWeight(conv.weight.reshape(conv.out_channels, -1))
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().float().clone(),
+                                                                 requires_grad=False)
+        self.kernels = _kernels_for(self.weight_csr.cols, use_kernel)
 
-@torch.no_grad()
-def sparsify(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY,
-             use_kernel: Optional[bool] = None) -> nn.Module:
-    """Replace, in place, every (untied) Linear whose weight is at least ``min_sparsity``
-    zeros by a SparseLinear; returns the model."""
-    tied = _tied(model)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is not nn.Linear or id(child.weight) in tied:
-                continue
-            zeros = 1.0 - int(torch.count_nonzero(child.weight)) / child.weight.numel()
-            if zeros >= min_sparsity:
-                setattr(module, child_name, SparseLinear(child, use_kernel))
-    return model
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        positions = cols.shape[-1]
+        y = csr_matmul(self.kernels, self.weight_csr, cols.transpose(1, 2).reshape(n * positions, -1),
+                       self.bias)
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        return y.view(n, positions, self.out_channels).transpose(1, 2).reshape(
+            n, self.out_channels, ho, positions // ho).contiguous()
