@@ -167,3 +167,42 @@ def test_sparse_conv_matches_the_dense_convolution(stride, padding, k):
         got = SparseConv2d(conv)(x)
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_to_two_four_keeps_the_two_largest_of_every_four():
+    from adamwprune.export.compressed import follows_two_four
+    from adamwprune.inference.semi_structured import to_two_four
+
+    w = torch.tensor([[1.0, -4.0, 3.0, 2.0, 0.5, 0.1, -0.2, 0.0]])
+    assert to_two_four(w).tolist() == [[0.0, -4.0, 3.0, 0.0, 0.5, 0.0, -0.2, 0.0]]
+    assert follows_two_four(to_two_four(torch.randn(16, 32)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_semi_structured_path_refuses_without_a_capable_gpu():
+    from adamwprune.inference.semi_structured import available, semi_structured_linears
+
+    assert available() == (False, "no CUDA device")
+    with pytest.raises(RuntimeError, match="compute capability >= 8.0"):
+        semi_structured_linears(nn.Sequential(nn.Linear(64, 64)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_semi_structured_linear_matches_dense_on_the_gpu():
+    from adamwprune.inference.semi_structured import (available, bench_two_four,
+                                                      semi_structured_linears, to_two_four)
+
+    if not available()[0]:
+        pytest.skip(available()[1])
+    lin = nn.Linear(256, 128).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(to_two_four(lin.weight.float()).to(torch.bfloat16))
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = lin(x)
+        model = nn.Sequential(lin)
+        assert semi_structured_linears(model) == 1
+        torch.testing.assert_close(model(x), want, rtol=2e-2, atol=2e-2)
+    r = bench_two_four((3072, 768), 512, repeats=3, warmup=1)
+    assert r["speedup"] > 0 and r["max_abs_diff_vs_dense"] < 1.0
