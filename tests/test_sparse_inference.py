@@ -173,8 +173,8 @@ def test_to_two_four_keeps_the_two_largest_of_every_four():
     from adamwprune.export.compressed import follows_two_four
     from adamwprune.inference.semi_structured import to_two_four
 
-    w = torch.tensor([[1.0, -4.0, 3.0, 2.0, 0.5, 0.1, -0.2, 0.0]])
-    assert to_two_four(w).tolist() == [[0.0, -4.0, 3.0, 0.0, 0.5, 0.0, -0.2, 0.0]]
+    w = torch.tensor([[1.0, -4.0, 3.0, 2.0, 0.5, 0.25, -0.75, 0.0]])
+    assert to_two_four(w).tolist() == [[0.0, -4.0, 3.0, 0.0, 0.5, 0.0, -0.75, 0.0]]
     assert follows_two_four(to_two_four(torch.randn(16, 32)))
 
 
