@@ -459,6 +459,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--inference-models", default="gpt2,resnet18",
                    help="sparse_inference_speedup section (adamwprune.inference.bench); '' skips it")
     p.add_argument("--inference-repeats", type=int, default=7)
+    p.add_argument("--inference-sparsities", default="0.5,0.7,0.9,0.95")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default="results/bench")
     args = p.parse_args(argv)
@@ -479,7 +480,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         from .inference import bench as inference_bench
 
         result["sparse_inference_speedup"] = inference_bench.synthetic(
-            device, inference, repeats=args.inference_repeats)
+            device, inference, [float(s) for s in args.inference_sparsities.split(",")],
+            repeats=args.inference_repeats)
     if hasattr(os, "getloadavg"):
         result["environment"]["load_average_at_end"] = list(os.getloadavg())
     result = {**headline(result), **result}

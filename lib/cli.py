@@ -274,7 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .export import export_run
 
             report = export_run(args.run)
-            return 0 if report["test_metric"]["all_equal"] else 1
+            same = report["test_metric"]["all_equal"] and report["round_trip"]["decompressed_tensors_identical"]
+            return 0 if same else 1
     except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError, MatrixBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

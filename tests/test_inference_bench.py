@@ -18,7 +18,8 @@ from adamwprune.inference.bench import bench_run, main
 def section(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     r = subprocess.run([sys.executable, "-m", "adamwprune.bench", "--shapes", "", "--engine-steps", "0,0",
-                        "--inference-models", "gpt2-mini,lenet5", "--inference-repeats", "1",
+                        "--inference-models", "gpt2-mini", "--inference-repeats", "1",
+                        "--inference-sparsities", "0.5,0.95",
                         "--device", "cpu", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -28,14 +29,13 @@ def section(tmp_path_factory):
 
 def test_section_times_every_model_sparsity_and_batch(section):
     result, stdout = section
-    assert result["sparsities"] == [0.5, 0.7, 0.9, 0.95]
-    for model, batches in (("gpt2-mini", ["1", "512"]), ("lenet5", ["1", "128"])):
-        for s in ("0.5", "0.7", "0.9", "0.95"):
-            per = result["models"][model][s]
-            assert list(per) == batches
-            for r in per.values():
-                assert r["speedup"] > 0 and r["times"]["dense"]["n"] == 1
-    assert result["models"]["gpt2-mini"]["0.9"]["512"]["input_shape"] == [2, 256]
+    assert result["sparsities"] == [0.5, 0.95]
+    for s in ("0.5", "0.95"):
+        per = result["models"]["gpt2-mini"][s]
+        assert list(per) == ["1", "512"]
+        for r in per.values():
+            assert r["speedup"] > 0 and r["times"]["dense"]["n"] == 1
+    assert result["models"]["gpt2-mini"]["0.95"]["512"]["input_shape"] == [2, 256]
     assert "whole forward" in stdout and "Linear layers alone" in stdout
 
 
@@ -43,20 +43,24 @@ def test_gpt_linear_shapes_are_timed_against_dense_and_torch_csr(section):
     result, _ = section
     shapes = result["linear"]["gpt2-mini"]
     assert set(shapes) == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
-    r = shapes["mlp.c_fc"]["0.9"]["512"]
+    r = shapes["mlp.c_fc"]["0.95"]["512"]
     assert set(r["times"]) == {"dense", "sparse", "torch_csr"}
     assert r["weight_bytes"]["sparse"] < 0.2 * r["weight_bytes"]["dense"]
     if cpu_kernels.load() is not None:
         assert r["sparse_path"] == "kernel"
-    assert set(result["headline"]["linear_at_90"]["gpt2-mini"]) == set(shapes)
+    assert result["headline"]["models"]["gpt2-mini"]["0.95"]["1"] > 0
 
 
 def test_sparse_models_hold_fewer_weight_bytes_and_report_peak_memory(section):
     result, _ = section
-    r = result["models"]["gpt2-mini"]["0.9"]["1"]
+    r = result["models"]["gpt2-mini"]["0.95"]["1"]
     assert r["sparse_layers"] == 4 * 4  # every block Linear; the tied head stays dense
     assert r["memory"]["sparse"]["weights_bytes"] < r["memory"]["dense"]["weights_bytes"]
-    assert r["memory"]["dense"]["peak_rss_bytes"] > r["memory"]["dense"]["weights_bytes"]
+    dense, sparse = r["memory"]["dense"], r["memory"]["sparse"]
+    assert dense["peak_rss_bytes"] >= dense["rss_before_forward_bytes"] > dense["weights_bytes"]
+    # measured in processes that hold one form each: the sparse one is smaller by about
+    # the dense bytes of the 3.1 M pruned weights (12.6 MB) less their CSR (0.9 MB)
+    assert dense["rss_before_forward_bytes"] - sparse["rss_before_forward_bytes"] > 5 * 2**20
     low = result["models"]["gpt2-mini"]["0.5"]["1"]
     assert low["sparse_layers"] == 0  # below the default 70 %: left dense
 
@@ -70,6 +74,9 @@ def test_bench_inference_on_a_run_writes_inference_json(tmp_path):
     result = bench_run(tmp_path / "run", repeats=1, warmup=1)
     assert json.loads((tmp_path / "run" / "inference.json").read_text())["run"] == result["run"]
     assert result["weights"].endswith("best.pt") and set(result["batches"]) == {"1", "128"}
+    for r in result["batches"].values():  # convolutions chosen by measurement, memory per form
+        assert r["layers"] == 5 and r["speedup"] > 0
+        assert r["memory"]["sparse"]["peak_rss_bytes"] > 0 and r["memory"]["dense"]["peak_rss_bytes"] > 0
     assert result["prunable_sparsity"] == pytest.approx(0.9, abs=1e-4)
 
 

@@ -11,9 +11,9 @@
   best) model the same way; results in ``<run>/inference.json``.
 
 Times are medians of ``repeats`` forwards after ``warmup``, dense and sparse taken in
-turn so load from other processes falls on both. Peak memory: on CPU the process's
-peak resident set during the timed forwards of one variant (Linux VmHWM, reset
-before), on CUDA the allocator's peak; with the bytes of the weights themselves.
+turn so load from other processes falls on both. Peak memory: the peak resident set
+(Linux VmHWM) of a forward in a child process that holds only that form of the model,
+with the resident set just before it, and the bytes of the weights themselves.
 On a CUDA GPU of compute capability >= 8.0 the Linear shapes are also timed with
 2:4 semi-structured weights in bf16 (``semi_structured.py``).
 """
@@ -82,15 +82,47 @@ def _reset_peak(device: torch.device) -> None:
         pass
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict:
-    """Peak bytes while fn() runs: CUDA allocator peak, or the process's resident set."""
-    _sync(device)
-    _reset_peak(device)
-    fn()
-    _sync(device)
-    if device.type == "cuda":
-        return {"cuda_allocator_peak_bytes": torch.cuda.max_memory_allocated(device)}
-    return {"peak_rss_bytes": _peak_rss()}
+def _rss() -> Optional[int]:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) * 1024 if match else None
+
+
+def memory_child(spec: dict) -> dict:
+    """In a fresh process (see :func:`peak_memory`): build the model of ``spec`` in one
+    form, run one forward per batch, and return the resident set before it and at its peak."""
+    import gc
+
+    model = _model_from_source(spec["source"])
+    if spec["swap"] is not None:
+        _swap(model, set(spec["swap"]))
+    gc.collect()
+    out = {}
+    with torch.no_grad():
+        for batch in spec["batches"]:
+            x = example_input(model, spec["kind"], batch)
+            model(x)  # first call: kernel loading, allocator warm-up
+            before = _rss()
+            _reset_peak(torch.device("cpu"))
+            model(x)
+            out[str(batch)] = {"rss_before_forward_bytes": before, "peak_rss_bytes": _peak_rss()}
+    return out
+
+
+def peak_memory(source: dict, kind: str, batches: list[int], swap: Optional[list[str]]) -> dict:
+    """Peak resident memory of a forward, per batch, measured in a child process that
+    holds only this form of the model (dense, or with the ``swap`` layers sparse). glibc's
+    mmap threshold is fixed so freed tensors leave the resident set at once."""
+    import json
+    import os
+    import subprocess
+
+    spec = {"source": source, "kind": kind, "batches": batches, "swap": swap}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    done = subprocess.run([sys.executable, "-m", "adamwprune.inference.bench", "--memory-child",
+                           json.dumps(spec)], capture_output=True, text=True, env=env, timeout=1800)
+    if done.returncode:
+        return {str(b): {"error": done.stderr.strip()[-300:]} for b in batches}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def module_bytes(model: nn.Module) -> int:
@@ -195,12 +227,11 @@ def bench_linear(shape: tuple[int, int], sparsity: float, tokens: int, repeats: 
 
 
 @torch.no_grad()
-def bench_model(build: Callable[[], nn.Module], kind: str, batches: tuple[int, ...],
-                sparsity: Optional[float], device: torch.device, repeats: int, warmup: int,
-                model: Optional[nn.Module] = None) -> dict:
-    """Whole forward, dense against sparsify's choice, per batch size (CPU)."""
-    torch.manual_seed(0)
-    dense = (model if model is not None else prune_model(build(), sparsity)).eval().to(device)
+def bench_model(source: dict, kind: str, batches: tuple[int, ...], device: torch.device,
+                repeats: int, warmup: int) -> dict:
+    """Whole forward, dense against sparsify's choice, per batch size (CPU); ``source``
+    says how to build the model ({"model": name, "sparsity": s} or {"run": dir})."""
+    dense = _model_from_source(source).to(device)
     out, sparse_by_sparsity = {}, None
     for batch in batches:
         x = example_input(dense, kind, batch).to(device)
@@ -216,10 +247,55 @@ def bench_model(build: Callable[[], nn.Module], kind: str, batches: tuple[int, .
         out[str(batch)] = {
             "input_shape": list(x.shape), "times": times, "speedup": _ratio(times, "dense", "sparse"),
             "sparse_layers": sum(c.sparse for c in choices), "layers": len(choices),
-            "memory": {"dense": {**peak_memory(lambda: dense(x), device), "weights_bytes": module_bytes(dense)},
-                       "sparse": {**peak_memory(lambda: sparse(x), device),
-                                  "weights_bytes": module_bytes(sparse)}}}
+            "swapped": [c.name for c in choices if c.sparse],
+            "memory": {"dense": {"weights_bytes": module_bytes(dense)},
+                       "sparse": {"weights_bytes": module_bytes(sparse)}}}
+    del dense, sparse, sparse_by_sparsity
+    _add_peaks(out, source, kind)
     return out
+
+
+def _add_peaks(out: dict, source: dict, kind: str) -> None:
+    """Peak memory per batch, one child process per form of the model."""
+    forms = {"dense": {None: list(out)}, "sparse": {}}
+    for batch, r in out.items():
+        forms["sparse"].setdefault(tuple(r["swapped"]), []).append(batch)
+    for form, groups in forms.items():
+        for swap, batches in groups.items():
+            peaks = peak_memory(source, kind, [int(b) for b in batches],
+                                None if swap is None else list(swap))
+            for b in batches:
+                out[b]["memory"][form].update(peaks[b])
+
+
+def _model_from_source(source: dict) -> nn.Module:
+    if "run" in source:
+        return _run_model(Path(source["run"]))[0]
+    torch.manual_seed(0)
+    return prune_model(MODELS[source["model"]][0](), source["sparsity"]).eval()
+
+
+def _run_model(run_dir: Path):
+    """(model, where its weights came from, cfg) of a run: export/model.safetensors, else best.pt."""
+    from ..cli import load_task
+    from ..export.run import EXPORT_DIR, build_model, load_best, load_exported
+
+    state, cfg = load_best(run_dir)
+    task = load_task(cfg.model)
+    exported = Path(run_dir) / EXPORT_DIR / "model.safetensors"
+    if exported.is_file():
+        return load_exported(task.build_model(cfg), exported).eval(), str(exported), cfg
+    return build_model(task, cfg, state["model"]), str(Path(run_dir) / "best.pt"), cfg
+
+
+def _swap(model: nn.Module, names: set[str]) -> None:
+    from .sparse_linear import SparseConv2d
+    from .sparsify import _candidates
+
+    for name, parent, child_name, child in _candidates(model):
+        if name in names:
+            make = SparseLinear if isinstance(child, nn.Linear) else SparseConv2d
+            setattr(parent, child_name, make(child))
 
 
 # ----------------------------------------------------------------- sections
@@ -257,8 +333,9 @@ def synthetic(device: torch.device, models: list[str], sparsities=SPARSITIES, re
                         for s in sparsities}
                 for layer, shape in gpt_linear_shapes(n_embd).items()}
         if device.type == "cpu":
-            result["models"][name] = {str(s): bench_model(build, kind, batches, s, device, repeats,
-                                                          warmup) for s in sparsities}
+            result["models"][name] = {str(s): bench_model({"model": name, "sparsity": s}, kind,
+                                                          batches, device, repeats, warmup)
+                                      for s in sparsities}
         elif kind == "tokens" and semi_structured.available(device)[0]:
             n_embd = build().config.n_embd
             shapes = {k: v for k, v in gpt_linear_shapes(n_embd).items() if k.startswith("mlp")}
@@ -309,7 +386,7 @@ def print_synthetic(result: dict) -> None:
 def _model_cell(batch: str, r: dict) -> str:
     t = r["times"]
     mem = r["memory"]
-    peak = {k: v.get("peak_rss_bytes") or v.get("cuda_allocator_peak_bytes") for k, v in mem.items()}
+    peak = {k: v.get("peak_rss_bytes") for k, v in mem.items()}
     fmt = lambda b: "n/a" if b is None else f"{b / 2**20:.0f} MiB"
     return (f"batch {batch}: {t['dense']['median_ms']:.2f} -> {t['sparse']['median_ms']:.2f} ms "
             f"({r['speedup']:.2f}x, {r['sparse_layers']}/{r['layers']}), weights "
@@ -320,18 +397,10 @@ def _model_cell(batch: str, r: dict) -> str:
 # ---------------------------------------------------------------- one run
 def bench_run(run_dir: Path, repeats: int = 7, warmup: int = 2) -> dict:
     """`make bench-inference RUN=`: the run's exported model (else best.pt), on the CPU."""
-    from ..cli import load_task
-    from ..export.run import EXPORT_DIR, build_model, load_best, load_exported
     from ..models.gpt2 import GPT
     from ..rundir import write_json_atomic
 
-    state, cfg = load_best(run_dir)
-    task = load_task(cfg.model)
-    exported = Path(run_dir) / EXPORT_DIR / "model.safetensors"
-    if exported.is_file():
-        model, source = load_exported(task.build_model(cfg), exported).eval(), str(exported)
-    else:
-        model, source = build_model(task, cfg, state["model"]), str(Path(run_dir) / "best.pt")
+    model, source, cfg = _run_model(Path(run_dir))
     kind = "tokens" if isinstance(model, GPT) else "images"
     batches = (1, 512) if kind == "tokens" else (1, 128)
     device = torch.device("cpu")
@@ -339,7 +408,8 @@ def bench_run(run_dir: Path, repeats: int = 7, warmup: int = 2) -> dict:
         1, sum(p.numel() for _, _, p in prunable_parameters(model)))
     result = {"run": str(run_dir), "weights": source, "model": cfg.model,
               "prunable_sparsity": sparsity, "environment": environment(device),
-              "batches": bench_model(None, kind, batches, None, device, repeats, warmup, model=model)}
+              "batches": bench_model({"run": str(Path(run_dir).resolve())}, kind, batches, device,
+                                     repeats, warmup)}
     write_json_atomic(Path(run_dir) / "inference.json", result)
     print(f"\n{cfg.model} from {source} (prunable sparsity {100 * sparsity:.2f}%), CPU, "
           f"{result['environment']['threads']} threads:")
@@ -355,7 +425,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--models", default="gpt2,resnet18", help="synthetic: " + ", ".join(MODELS))
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: see peak_memory
     args = p.parse_args(argv)
+    if args.memory_child:
+        import json
+
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
     try:
         if args.run is not None:
             bench_run(args.run, args.repeats, args.warmup)

@@ -9,6 +9,7 @@ which layers of a model to swap.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -26,20 +27,38 @@ class CSRWeight:
     def __init__(self, weight: torch.Tensor):
         w = weight.detach().to(torch.float32).cpu()
         self.rows, self.cols = w.shape
-        csr = w.to_sparse_csr()
+        with warnings.catch_warnings():  # torch: "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = w.to_sparse_csr()
         self.row_ptr = csr.crow_indices().to(torch.int32).contiguous()
-        cols = csr.col_indices()
         # uint16 in an int16 tensor: the C kernel reads the bits unsigned
-        self.col = cols.to(torch.int32).to(torch.int16).contiguous()
+        self.col = csr.col_indices().to(torch.int32).to(torch.int16).contiguous()
         self.val = csr.values().contiguous()
         self.nnz = int(self.val.numel())
-        self._torch_csr = csr
+        self._torch_csr: Optional[torch.Tensor] = None  # built only for the fallback path
+
+    def torch_csr(self) -> torch.Tensor:
+        """torch's own CSR tensor of the weight (int64 indices: 12 more bytes per non-zero),
+        built once, on first use."""
+        if self._torch_csr is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self._torch_csr = torch.sparse_csr_tensor(
+                    self.row_ptr.long(), self.col.long() & 0xFFFF, self.val, (self.rows, self.cols))
+        return self._torch_csr
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.row_ptr, self.col, self.val))
+        tensors = [self.row_ptr, self.col, self.val]
+        if self._torch_csr is not None:
+            tensors += [self._torch_csr.crow_indices(), self._torch_csr.col_indices()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def dense(self) -> torch.Tensor:
-        return self._torch_csr.to_dense()
+        dense = torch.zeros(self.rows, self.cols)
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(self.rows), counts)
+        dense[rows, self.col.long() & 0xFFFF] = self.val
+        return dense
 
 
 class SparseLinear(nn.Module):
@@ -71,7 +90,7 @@ class SparseLinear(nn.Module):
 def csr_matmul(kernels, w: CSRWeight, x2: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x2 [tokens, cols] @ W.T + bias: the C kernels for CPU float32, else torch's CSR."""
     if kernels is None or x2.device.type != "cpu" or x2.dtype != torch.float32:
-        csr = w._torch_csr.to(device=x2.device, dtype=x2.dtype)
+        csr = w.torch_csr().to(device=x2.device, dtype=x2.dtype)
         y = torch.sparse.mm(csr, x2.t()).t()
         return y if bias is None else y + bias.to(x2)
     x2 = x2.contiguous()
