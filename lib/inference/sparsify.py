@@ -9,8 +9,9 @@ becomes a SparseLinear and convolutions stay dense. With one, each Linear and Co
 of at least ``min_sparsity`` is timed on the input it really receives in that forward,
 dense against sparse (median of ``repeats`` after a warm-up), and swapped only where
 the sparse product was faster: so a convolution goes sparse only where a measured
-sparse path beats the dense one (deep layers with small images at batch 1, on this
-project's CPU; never at 128 images). A head tied to an embedding stays dense.
+sparse path beats the dense one (on this project's CPU mostly the deep layers at
+batch 1; `make bench` lists how many were swapped). A head tied to an embedding stays
+dense.
 """
 from __future__ import annotations
 
@@ -96,8 +97,10 @@ def sparsify(model: nn.Module, example: Optional[Callable[[], Any]] = None,
     choices = []
     for name, parent, child_name, child in found:
         kind = type(child).__name__
-        sparsity = 1.0 - int(torch.count_nonzero(child.weight)) / child.weight.numel()
-        if sparsity < min_sparsity:
+        numel = child.weight.numel()
+        zeros = numel - int(torch.count_nonzero(child.weight))
+        sparsity = zeros / numel
+        if zeros < round(min_sparsity * numel):  # counts: a layer pruned to 70 % is >= 70 %
             choices.append(LayerChoice(name, kind, sparsity, False, f"below {min_sparsity:.0%} zeros"))
             continue
         make = SparseLinear if kind == "Linear" else SparseConv2d
