@@ -199,3 +199,13 @@ def test_semi_structured_linear_matches_dense_on_the_gpu():
         torch.testing.assert_close(model(x), want, rtol=2e-2, atol=2e-2)
     r = bench_two_four((3072, 768), 512, repeats=3, warmup=1)
     assert r["speedup"] > 0 and r["max_abs_diff_vs_dense"] < 1.0
+
+
+def test_a_layer_pruned_to_the_threshold_counts_as_sparse_enough():
+    from adamwprune.inference.bench import prune_smallest
+
+    model = nn.Sequential(nn.Linear(768, 2304))  # round(0.7 * N) / N < 0.7 in floating point
+    prune_smallest(model[0].weight, 0.7)
+    assert (model[0].weight == 0).float().mean().item() < 0.7
+    (choice,) = sparsify(model, min_sparsity=0.7)
+    assert choice.sparse and isinstance(model[0], SparseLinear)
