@@ -1,6 +1,5 @@
 """FLOPs per forward, dense and non-zero, against hand counts."""
 import torch
-from torch import nn
 
 from adamwprune.flops import count_flops
 from adamwprune.models.gpt2 import GPT, gpt_config

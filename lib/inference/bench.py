@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..params import prunable_parameters
@@ -250,7 +249,6 @@ def bench_model(source: dict, kind: str, batches: tuple[int, ...], device: torch
             "swapped": [c.name for c in choices if c.sparse],
             "memory": {"dense": {"weights_bytes": module_bytes(dense)},
                        "sparse": {"weights_bytes": module_bytes(sparse)}}}
-    del dense, sparse, sparse_by_sparsity
     _add_peaks(out, source, kind)
     return out
 
