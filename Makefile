@@ -34,7 +34,7 @@ endif
 
 .DEFAULT_GOAL := all
 .PHONY: all help install demo check test defconfig menuconfig olddefconfig savedefconfig \
-        list-defconfigs prepare-data continue dry-run status summary update-graphs trackio-view trackio-test wandb-test bench gputop evaluate clean mrproper
+        list-defconfigs prepare-data continue dry-run status summary update-graphs trackio-view trackio-test wandb-test bench gputop evaluate export bench-inference clean mrproper
 
 help:
 	@echo "AdamWPrune - pruning during training with the state Adam already keeps"
@@ -67,6 +67,9 @@ help:
 	@echo "  make bench             optimizer-step, memory, mask-update and engine benchmarks -> results/bench/"
 	@echo "  make gputop [DIR=]     live view of device memory and the running cells"
 	@echo "  make evaluate RUN=<run dir> [DATASET=<name>] [DATA_DIR=<dir>]   best.pt on a test split -> eval.json"
+	@echo "  make export RUN=<run dir>   best.pt -> <run>/export/: safetensors, compressed-tensors copy,"
+	@echo "                         Hugging Face folder (GPT-2), export.json (sizes, FLOPs, metric)"
+	@echo "  make bench-inference RUN=<run dir>   forward latency of the run's model, dense vs sparse"
 	@echo ""
 	@echo "Overrides on any training target (validated like .config, recorded in the run):"
 	@echo "  EPOCHS= MAX_ITERS= BATCH_SIZE= LR= SEED= DEVICE=cpu|cuda|auto DATASET= DATA_DIR= NPROC="
@@ -148,6 +151,14 @@ gputop: $(STAMP)
 evaluate: $(STAMP)
 	@test -n "$(RUN)" || { echo "usage: make evaluate RUN=<run dir> [DATASET=<name>] [DATA_DIR=<dir>]"; exit 2; }
 	$(PY) -m adamwprune evaluate --run $(RUN) $(if $(DATASET),--dataset $(DATASET)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+export: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make export RUN=<run dir>"; exit 2; }
+	HF_HUB_OFFLINE=1 $(PY) -m adamwprune export --run $(RUN)
+
+bench-inference: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make bench-inference RUN=<run dir>"; exit 2; }
+	$(PY) -m adamwprune.inference.bench --run $(RUN) $(BENCH_ARGS)
 
 clean:
 	rm -rf results

@@ -57,6 +57,11 @@ class GPT2Task:
 
     def build_model(self, cfg):
         self.micro_batch = max(1, cfg.batch_size // (cfg.grad_accum * cfg.nproc))
+        if cfg.gpt2_init_from:  # a Hugging Face checkpoint: its sizes, its weights
+            from adamwprune.export.hf_gpt2 import load_hf
+
+            return load_hf(resolve_path(cfg.gpt2_init_from), block_size=cfg.gpt2_block_size,
+                           dropout=cfg.gpt2_dropout)
         return GPT(gpt_config(cfg.gpt2_size, block_size=cfg.gpt2_block_size, dropout=cfg.gpt2_dropout))
 
     def build_data(self, cfg) -> Splits:

@@ -94,3 +94,16 @@ def append_line(path: Path, line: str) -> None:
             fh.flush()
     except OSError as exc:
         raise disk_error(path, exc) from None
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Put the finished directory ``tmp`` at ``final`` (a sibling), replacing what is
+    there: the old one is renamed aside first and removed after, so ``final`` is at
+    every moment either the old directory or the new one, never half of either."""
+    import shutil
+
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

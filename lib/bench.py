@@ -490,6 +490,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="also time AdamWPrune's plain path (fast=False)")
     p.add_argument("--engine-steps", default="50,450", help="short,long engine runs (0,0 to skip)")
     p.add_argument("--engine-rounds", type=int, default=5)
+    p.add_argument("--inference-models", default="gpt2,resnet18",
+                   help="sparse_inference_speedup section (adamwprune.inference.bench); '' skips it")
+    p.add_argument("--inference-repeats", type=int, default=7)
+    p.add_argument("--inference-sparsities", default="0.5,0.7,0.9,0.95")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", default="results/bench")
     args = p.parse_args(argv)
@@ -505,10 +509,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     if long > short > 0:
         print("[bench] engine ...", file=sys.stderr, flush=True)
         result["engine"] = bench_engine(device, short, long, args.engine_rounds)
+    inference = [m for m in args.inference_models.split(",") if m]
+    if inference:
+        from .inference import bench as inference_bench
+
+        result["sparse_inference_speedup"] = inference_bench.synthetic(
+            device, inference, [float(s) for s in args.inference_sparsities.split(",")],
+            repeats=args.inference_repeats)
     if hasattr(os, "getloadavg"):
         result["environment"]["load_average_at_end"] = list(os.getloadavg())
     result = {**headline(result), **result}
     print_table(result)
+    if inference:
+        inference_bench.print_synthetic(result["sparse_inference_speedup"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{time.strftime('%Y%m%d-%H%M%S')}.json"

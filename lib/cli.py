@@ -288,6 +288,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--run", type=Path, required=True)
     e.add_argument("--dataset", help="another dataset of the same task (default: the run's)")
     e.add_argument("--data-dir")
+    x = sub.add_parser("export", help="write a run's best model as safetensors, compressed, HF")
+    x.add_argument("--run", type=Path, required=True)
     return p
 
 
@@ -328,6 +330,12 @@ def _dispatch(args) -> int:
             print(f"nothing to continue: every run under {results} has finished")
             return 0
         return continue_target(run, args.rerun_failed, args.accept_config_changes)
+    if args.cmd == "export":
+        from .export import export_run
+
+        report = export_run(args.run)
+        same = report["test_metric"]["all_equal"] and report["round_trip"]["decompressed_tensors_identical"]
+        return 0 if same else 1
     evaluate_run(args.run, args.data_dir, args.dataset)
     return 0
 

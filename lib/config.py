@@ -63,6 +63,7 @@ FIELDS: tuple[Field, ...] = (
     _choice("resnet50_stem", "RESNET50_STEM"),
     _choice("gpt2_size", "GPT2_SIZE"),
     Field("gpt2_block_size", "GPT2_BLOCK_SIZE", "int"),
+    Field("gpt2_init_from", "GPT2_INIT_FROM", "str"),
     _float("gpt2_dropout", "GPT2_DROPOUT", 0.0, 1.0, hi_open=True),
     Field("gpt2_text_source", "GPT2_TEXT_SOURCE", "str"),
     Field("gpt2_token_budget", "GPT2_TOKEN_BUDGET", "int"),

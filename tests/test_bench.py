@@ -16,7 +16,8 @@ def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     r = subprocess.run([sys.executable, "-m", "adamwprune.bench", "--shapes", "gpt2-mini",
                         "--repeats", "2", "--warmup", "1", "--engine-steps", "5,15",
-                        "--engine-rounds", "1", "--device", "cpu", "--out", str(out)],
+                        "--engine-rounds", "1", "--device", "cpu", "--out", str(out),
+                        "--inference-models", ""],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     (path,) = out.glob("*.json")

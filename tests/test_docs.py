@@ -78,6 +78,17 @@ COMMANDS = {
     'make CONFIG=/tmp/docs/gpt2tiny.config DATA_DIR=/tmp/docs-data SET="RUN_RESULTS_DIR=/tmp/docs-results/full"':
         TRAINS,
     'make defconfig DEFCONFIG=lenet5-adamw SET="OPTIMIZER_ADAMWPRUNE=y"': RUN,
+    "make export RUN=results/<run>": NEEDS_RUN,
+    "make defconfig DEFCONFIG=gpt2-shakespeare-tiny": RUN,
+    "make bench-inference RUN=results/<run>": NEEDS_RUN,
+    "make export RUN=results/<timestamp>_<run>": NEEDS_RUN,
+    "make bench-inference RUN=results/<timestamp>_<run>": NEEDS_RUN,
+    'make SET="PRUNING_TARGET_SPARSITY=0.9"': TRAINS,
+    'make SET="GPT2_INIT_FROM=/path/to/hf-folder GPT2_BLOCK_SIZE=256 OPTIMIZER=adamw PRUNING=movement"':
+        NEEDS_RUN,
+    "make bench": "times the optimizer steps for minutes; tests/test_bench.py runs it on small shapes",
+    'make bench BENCH_ARGS="--shapes= --engine-steps=0,0"':
+        "times sparse inference for minutes; tests/test_inference_bench.py runs it on small shapes",
     "make dry-run EPOCHS=0": RUN,
     'make dry-run SET="OPT_MOMENTUM=0.8"': RUN,
     "make dry-run LR=abc": RUN,

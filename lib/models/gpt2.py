@@ -29,6 +29,9 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    # nn.GELU's approximate: "none" (exact erf, nanoGPT's) or "tanh" (OpenAI GPT-2's
+    # gelu_new, for weights loaded from a Hugging Face checkpoint trained with it).
+    gelu_approximate: str = "none"
 
     def __post_init__(self):
         problems = [f"{k} must be positive, got {getattr(self, k)}"
@@ -38,6 +41,8 @@ class GPTConfig:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.gelu_approximate not in ("none", "tanh"):
+            problems.append(f"gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}")
         if problems:
             raise ValueError("invalid GPTConfig: " + "; ".join(problems))
 
@@ -85,7 +90,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu_approximate)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
