@@ -7,14 +7,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from . import checkpoint as ckpt
+from . import signals
 from .config import ROOT, ConfigError, load, parse_set
 from .matrix import MatrixBusy
 from .rundir import new_run_path, read_json, run_name, write_json_atomic
@@ -77,7 +80,7 @@ def results_path(cfg) -> Path:
 def train_one(config_path: Optional[Path], overrides: list[tuple[str, str]], run_dir: Optional[Path] = None,
               resume: bool = False, config_text: Optional[str] = None) -> int:
     """Train one run; returns the process exit status."""
-    from .engine import STATUS_COMPLETED, Trainer
+    from .engine import STATUS_COMPLETED, STATUS_INTERRUPTED, Trainer
 
     cfg, _, kconf = load(config_path, dict(overrides))
     if config_text is None:
@@ -93,6 +96,8 @@ def train_one(config_path: Optional[Path], overrides: list[tuple[str, str]], run
         final = trainer.fit(resume=resume)
     finally:
         trainer.dist.close()
+    if final["status"] == STATUS_INTERRUPTED:
+        return signals.EXIT_INTERRUPTED
     return 0 if final["status"] == STATUS_COMPLETED else EXIT_DIVERGED
 
 
@@ -117,7 +122,38 @@ def _launch_torchrun(nproc: int, config_path, overrides, run_dir: Path, resume: 
     cmd += [f"--override={k}={v}" for k, v in overrides]
     if resume:
         cmd.append("--resume")
-    return subprocess.call(cmd)
+    return _torchrun(cmd, run_dir)
+
+
+def _torchrun(cmd: list, run_dir: Path) -> int:
+    """Run torchrun until it exits. A stop signal is passed on to its workers (the
+    terminal and Slurm signal them directly too: once or twice is the same request),
+    and torchrun itself waits for them on SIGUSR2 as on SIGTERM instead of dying."""
+    import psutil
+
+    env = dict(os.environ)
+    env.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2")
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")  # time for rank 0 to write last.pt
+    (run_dir / "stopped.json").unlink(missing_ok=True)
+    with signals.catching() as stop:
+        proc = subprocess.Popen(cmd, env=env)
+        passed_on = False
+        while True:
+            try:
+                code = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if stop.requested and not passed_on:
+                passed_on = True
+                for worker in psutil.Process(proc.pid).children():
+                    with contextlib.suppress(psutil.Error):
+                        worker.send_signal(signal.SIGTERM)
+    # The workers stopped on a signal (rank 0 says so in stopped.json): torchrun itself
+    # reports a worker that exits early as failed.
+    if (stop.requested or (run_dir / "stopped.json").exists()) and not (run_dir / "final.json").exists():
+        return signals.EXIT_INTERRUPTED
+    return code
 
 
 # ------------------------------------------------------------------ continue
@@ -235,40 +271,54 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("--run", type=Path, required=True)
     e.add_argument("--data-dir")
     args = p.parse_args(argv)
+    signals.install()  # a stop signal is a flag the loops look at, never a traceback
     try:
-        if args.cmd == "run":
-            if not Path(args.config).is_file():
-                raise ConfigError(f"{args.config}: no configuration yet; run `make defconfig DEFCONFIG=<name>` "
-                                  "first (`make list-defconfigs` lists them)")
-            return train(Path(args.config), parse_overrides(args.override, args.set),
-                         run_dir=args.run_dir, resume=args.resume)
-        if args.cmd == "dry-run":
-            from .matrix import dry_run
-
-            return dry_run(Path(args.config), parse_overrides(args.override, args.set))
-        if args.cmd == "status":
-            from .matrix import latest_matrix, status
-
-            mdir = args.dir or latest_matrix(args.results)
-            if mdir is None:
-                print(f"no matrix under {args.results}")
-                return 0
-            return status(mdir)
-        if args.cmd == "continue":
-            run = args.dir or find_unfinished(args.results)
-            if run is None:
-                print(f"nothing to continue: every run under {args.results} has finished")
-                return 0
-            print(f"continuing {run}")
-            if (run / "matrix.json").exists():
-                from .matrix import run as run_matrix
-
-                return 1 if run_matrix(run, rerun_failed=args.rerun_failed) else 0
-            return continue_run(run)
-        if args.cmd == "evaluate":
-            evaluate_run(args.run, args.data_dir)
-            return 0
+        return _dispatch(args)
+    except signals.Interrupted:
+        return signals.EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("aborted by a second Ctrl-C: nothing was saved after the last checkpoint "
+              "(`make continue` resumes from it)", file=sys.stderr)
+        return 130
     except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError, MatrixBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        signals.ignore_from_now()
+
+
+def _dispatch(args) -> int:
+    """Run one command; errors are raised to main(), which prints them in one line."""
+    if args.cmd == "run":
+        if not Path(args.config).is_file():
+            raise ConfigError(f"{args.config}: no configuration yet; run `make defconfig DEFCONFIG=<name>` "
+                              "first (`make list-defconfigs` lists them)")
+        return train(Path(args.config), parse_overrides(args.override, args.set),
+                     run_dir=args.run_dir, resume=args.resume)
+    if args.cmd == "dry-run":
+        from .matrix import dry_run
+
+        return dry_run(Path(args.config), parse_overrides(args.override, args.set))
+    if args.cmd == "status":
+        from .matrix import latest_matrix, status
+
+        mdir = args.dir or latest_matrix(args.results)
+        if mdir is None:
+            print(f"no matrix under {args.results}")
+            return 0
+        return status(mdir)
+    if args.cmd == "continue":
+        run = args.dir or find_unfinished(args.results)
+        if run is None:
+            print(f"nothing to continue: every run under {args.results} has finished")
+            return 0
+        print(f"continuing {run}")
+        if (run / "matrix.json").exists():
+            from .matrix import run as run_matrix
+
+            return 1 if run_matrix(run, rerun_failed=args.rerun_failed) else 0
+        return continue_run(run)
+    if args.cmd == "evaluate":
+        evaluate_run(args.run, args.data_dir)
+        return 0
     return 1

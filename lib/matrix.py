@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import psutil
 
+from . import signals
 from .config import ROOT, SHORTHANDS, load, minimal_text
 from .rundir import read_json, run_name, write_json_atomic
 
@@ -210,11 +211,13 @@ def status(matrix_dir: Path) -> int:
 
 # --------------------------------------------------------------------- run
 def _die_with_parent() -> None:
-    """Children are killed when the runner dies (even by kill -9): no orphan keeps writing."""
+    """Children are killed when the runner dies (even by kill -9): no orphan keeps writing.
+    They start with the stop signals held back until their trainer can handle them."""
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    signals.preexec_block()
 
 
 def _tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
@@ -266,7 +269,8 @@ def _symbol(key: str) -> str:
 def _finish(matrix_dir: Path, cell: Cell, code: int) -> str:
     cell_dir = matrix_dir / cell.id
     final = read_json(cell_dir / "final.json")
-    state = final["status"] if final else "failed"
+    stopped = code == signals.EXIT_INTERRUPTED or (cell_dir / "stopped.json").exists()
+    state = final["status"] if final else "interrupted" if stopped else "failed"
     write_json_atomic(cell_dir / "cell.json", {"status": state, "exit_code": code, "finished": time.time(),
                                                "log_tail": _tail(cell_dir / "train.log")})
     return state
@@ -277,7 +281,8 @@ class MatrixBusy(RuntimeError):
 
 
 def run(matrix_dir: Path, rerun_failed: bool = False, jobs: Optional[int] = None) -> int:
-    """Run (or continue) every unfinished cell; returns the number of failed cells."""
+    """Run (or continue) every unfinished cell; returns the number of cells that failed
+    or were stopped by a signal (raises signals.Interrupted when the runner itself was)."""
     lock = Path(matrix_dir) / "runner.pid"
     other = int(lock.read_text() or 0) if lock.exists() else 0
     if other and other != os.getpid() and _alive(other):
@@ -304,8 +309,12 @@ def _run(matrix_dir: Path, rerun_failed: bool, jobs: Optional[int]) -> int:
     running: dict[int, tuple[Cell, subprocess.Popen]] = {}
     done = len(cells) - len(todo)
     queue = list(todo)
+    stop, stopping = signals.active() or signals.StopRequest(), False
     while queue or running:
-        while queue and len(running) < jobs:
+        if stop.requested and not stopping:
+            stopping = True
+            _stop_cells(running, queue)
+        while queue and len(running) < jobs and not stop.requested:
             slot = next(i for i in range(jobs) if i not in running)
             cell = queue.pop(0)
             resume = (matrix_dir / cell.id / "last.pt").exists()
@@ -317,17 +326,36 @@ def _run(matrix_dir: Path, rerun_failed: bool, jobs: Optional[int]) -> int:
             if code is None:
                 continue
             del running[slot]
-            done += 1
             state = _finish(matrix_dir, cell, code)
-            print(f"[matrix] {state:<9} {cell.id} ({done}/{len(cells)})", flush=True)
+            done += state != "interrupted"
+            print(f"[matrix] {state:<9} {cell.id} " + ("(last.pt saved)" if state == "interrupted" else
+                                                       f"({done}/{len(cells)})"), flush=True)
+    if stop.requested:
+        print(f"[matrix] stopped by {stop.name}; `make continue DIR={matrix_dir}` resumes the interrupted "
+              f"cells from their last.pt", flush=True)
+        raise signals.Interrupted(stop.signum)
     failed = [c.id for c in cells if cell_state(matrix_dir / c.id) == "failed"]
+    stopped = [c.id for c in cells if cell_state(matrix_dir / c.id) == "interrupted"]
     _write_summary(matrix_dir)
     if failed:
         print(f"[matrix] {len(failed)} of {len(cells)} cells failed: {', '.join(failed)} "
               f"(logs: <cell>/train.log; rerun with `make continue RERUN_FAILED=1`)", flush=True)
-    else:
+    if stopped:
+        print(f"[matrix] {len(stopped)} of {len(cells)} cells were stopped by a signal: {', '.join(stopped)} "
+              f"(`make continue DIR={matrix_dir}` resumes them from last.pt)", flush=True)
+    if not failed and not stopped:
         print(f"[matrix] all {len(cells)} cells finished; results in {matrix_dir}", flush=True)
-    return len(failed)
+    return len(failed) + len(stopped)
+
+
+def _stop_cells(running: dict, queue: list) -> None:
+    """A stop signal reached the runner: start nothing more, and ask each running cell
+    to save and stop (the terminal's Ctrl-C reached them already; a `kill` of the
+    runner alone did not). Their exits are then collected as usual."""
+    queue.clear()
+    for cell, proc in running.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
 
 
 def _write_summary(matrix_dir: Path) -> None:
