@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from . import checkpoint as ckpt
 from . import signals
 from .config import ROOT, ConfigError, load, parse_set
+from .launch.slurm import SlurmError
 from .matrix import MatrixBusy
 from .rundir import new_run_path, read_json, run_name, write_json_atomic
 
@@ -62,8 +63,13 @@ def train(config_path: Path, overrides: list[tuple[str, str]], run_dir: Optional
     from . import matrix
 
     cfg, _, _ = load(config_path, dict(overrides))
-    if run_dir is None and not resume and matrix.is_matrix(cfg):
+    slurm = bool(cfg.matrix) and cfg.launcher == "slurm"  # even one cell: a job array of one
+    if run_dir is None and not resume and (matrix.is_matrix(cfg) or slurm):
         mdir = matrix.create(config_path, overrides, results_path(cfg))
+        if slurm:
+            from .launch.slurm import run_matrix as submit_matrix
+
+            return submit_matrix(mdir, cfg)
         failed = matrix.run(mdir)
         return 1 if failed else 0
     if cfg.matrix:
@@ -178,6 +184,21 @@ def continue_run(run_dir: Path) -> int:
     return train_one(run_dir / ".config", pairs, run_dir=run_dir, resume=True)
 
 
+def continue_matrix(mdir: Path, args) -> int:
+    """Run the unfinished cells again, where they ran before (or where --launcher says);
+    never while Slurm still holds a task of the matrix."""
+    from .launch import slurm
+    from .matrix import run as run_matrix
+
+    extra = parse_overrides([], args.set) + ([("LAUNCHER", args.launcher)] if args.launcher else [])
+    if slurm.is_slurm_matrix(mdir):
+        slurm.refuse_if_active(mdir)
+    cfg = slurm.matrix_config(mdir, extra)
+    if cfg.launcher == "slurm":
+        return slurm.run_matrix(mdir, cfg, rerun_failed=args.rerun_failed)
+    return 1 if run_matrix(mdir, rerun_failed=args.rerun_failed) else 0
+
+
 # ------------------------------------------------------------------ evaluate
 def evaluate_run(run_dir: Path, data_dir: Optional[str]) -> dict:
     """Evaluate best.pt of a run on the test split found under data_dir."""
@@ -260,6 +281,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     c.add_argument("--dir", type=Path, help="a run directory (default: the newest unfinished one)")
     c.add_argument("--results", type=Path, default=ROOT / "results")
     c.add_argument("--rerun-failed", action="store_true", help="also rerun failed matrix cells")
+    c.add_argument("--launcher", choices=("local", "slurm"), help="where a matrix's cells run (default: "
+                   "where they ran)")
+    c.add_argument("--set", default="", help='launcher settings, e.g. "SLURM_TIME_MIN=600"')
     d = sub.add_parser("dry-run", help="list the cells of the configured matrix")
     d.add_argument("--config", default=".config")
     d.add_argument("--override", action="append", default=[])
@@ -280,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("aborted by a second Ctrl-C: nothing was saved after the last checkpoint "
               "(`make continue` resumes from it)", file=sys.stderr)
         return 130
-    except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError, MatrixBusy) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError, MatrixBusy, SlurmError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -314,9 +338,7 @@ def _dispatch(args) -> int:
             return 0
         print(f"continuing {run}")
         if (run / "matrix.json").exists():
-            from .matrix import run as run_matrix
-
-            return 1 if run_matrix(run, rerun_failed=args.rerun_failed) else 0
+            return continue_matrix(run, args)
         return continue_run(run)
     if args.cmd == "evaluate":
         evaluate_run(args.run, args.data_dir)

@@ -198,13 +198,18 @@ def progress_of(cell_dir: Path) -> str:
 
 
 def status(matrix_dir: Path) -> int:
+    from .launch.slurm import StatusView
+
     meta, cells = load_cells(matrix_dir)
     counts: dict[str, int] = {}
-    print(f"matrix {matrix_dir} ({meta['name']}, {len(cells)} cells)")
+    slurm = StatusView.load(matrix_dir)  # None unless the matrix was submitted to Slurm
+    print(f"matrix {matrix_dir} ({meta['name']}, {len(cells)} cells{slurm.header() if slurm else ''})")
     for c in cells:
-        state = cell_state(matrix_dir / c.id)
+        state, note = cell_state(matrix_dir / c.id), ""
+        if slurm:
+            state, note = slurm.cell(c.id, state)
         counts[state] = counts.get(state, 0) + 1
-        print(f"  {state:<12} {progress_of(matrix_dir / c.id):>13}  {c.id}")
+        print(f"  {state:<12} {progress_of(matrix_dir / c.id):>13}  {c.id:<44} {note}".rstrip())
     print("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 0
 
@@ -241,17 +246,23 @@ def _cell_env(slot: int, jobs: int) -> tuple[dict, list[tuple[str, str]]]:
     return env, extra
 
 
+def cell_command(matrix_dir: Path, cell: Cell, meta: dict, extra: Sequence[tuple[str, str]] = (),
+                 resume: bool = False) -> list[str]:
+    """The command that runs one cell (the local runner and a Slurm task run the same)."""
+    # The cell is a single run: matrix and launcher symbols stay out of it.
+    user = [tuple(p) for p in meta["overrides"]
+            if not _symbol(p[0]).startswith(("MATRIX", "LAUNCHER", "SLURM_"))]
+    pairs = list(cell.overrides) + user + list(extra) + [("MATRIX", "n")]
+    cmd = [sys.executable, "-m", "adamwprune", "run", "--config", str(Path(matrix_dir) / "defconfig"),
+           "--run-dir", str(Path(matrix_dir) / cell.id)] + [f"--override={k}={v}" for k, v in pairs]
+    return cmd + ["--resume"] if resume else cmd
+
+
 def _start(matrix_dir: Path, cell: Cell, meta: dict, slot: int, jobs: int, resume: bool) -> subprocess.Popen:
     cell_dir = matrix_dir / cell.id
     cell_dir.mkdir(exist_ok=True)
     env, extra = _cell_env(slot, jobs)
-    # The cell is a single run: matrix symbols stay out of it.
-    user = [tuple(p) for p in meta["overrides"] if not _symbol(p[0]).startswith("MATRIX")]
-    pairs = list(cell.overrides) + user + extra + [("MATRIX", "n")]
-    cmd = [sys.executable, "-m", "adamwprune", "run", "--config", str(matrix_dir / "defconfig"),
-           "--run-dir", str(cell_dir)] + [f"--override={k}={v}" for k, v in pairs]
-    if resume:
-        cmd.append("--resume")
+    cmd = cell_command(matrix_dir, cell, meta, extra, resume)
     log = open(cell_dir / "train.log", "a")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                             preexec_fn=_die_with_parent)
@@ -266,13 +277,13 @@ def _symbol(key: str) -> str:
     return SHORTHANDS.get(key, key)
 
 
-def _finish(matrix_dir: Path, cell: Cell, code: int) -> str:
+def _finish(matrix_dir: Path, cell: Cell, code: int, **extra) -> str:
     cell_dir = matrix_dir / cell.id
     final = read_json(cell_dir / "final.json")
     stopped = code == signals.EXIT_INTERRUPTED or (cell_dir / "stopped.json").exists()
     state = final["status"] if final else "interrupted" if stopped else "failed"
     write_json_atomic(cell_dir / "cell.json", {"status": state, "exit_code": code, "finished": time.time(),
-                                               "log_tail": _tail(cell_dir / "train.log")})
+                                               "log_tail": _tail(cell_dir / "train.log"), **extra})
     return state
 
 
@@ -295,15 +306,21 @@ def run(matrix_dir: Path, rerun_failed: bool = False, jobs: Optional[int] = None
         lock.unlink(missing_ok=True)
 
 
-def _run(matrix_dir: Path, rerun_failed: bool, jobs: Optional[int]) -> int:
-    meta, cells = load_cells(matrix_dir)
-    jobs = max(1, jobs or meta.get("jobs") or 1)
+def unfinished(matrix_dir: Path, cells: Sequence[Cell], rerun_failed: bool = False) -> list[Cell]:
+    """The cells `make continue` runs again: not done or diverged; failed ones on request."""
     todo = []
     for c in cells:
         state = cell_state(matrix_dir / c.id)
         if state in ("done", "diverged") or (state == "failed" and not rerun_failed):
             continue
         todo.append(c)
+    return todo
+
+
+def _run(matrix_dir: Path, rerun_failed: bool, jobs: Optional[int]) -> int:
+    meta, cells = load_cells(matrix_dir)
+    jobs = max(1, jobs or meta.get("jobs") or 1)
+    todo = unfinished(matrix_dir, cells, rerun_failed)
     print(f"[matrix] {matrix_dir}: {len(cells) - len(todo)} of {len(cells)} cells already finished, "
           f"{len(todo)} to run, {jobs} at a time", flush=True)
     running: dict[int, tuple[Cell, subprocess.Popen]] = {}
