@@ -1,20 +1,17 @@
-"""Test-wide settings."""
+"""Test-wide settings, and the local Slurm cluster the Slurm tests run against."""
 import os
-
-import torch
-
-# Tiny tensors: one thread is faster, and two OpenMP threads spinning on a
-# 2-core machine shared with another process slow tiny kernels down 50x.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(1)
-
-
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny tensors: one thread is faster, and two OpenMP threads spinning on a
+# 2-core machine shared with another process slow tiny kernels down 50x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 SLURM_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm-local.sh"
 
@@ -30,9 +27,8 @@ def slurm_cluster():
     try:
         up = subprocess.run([str(SLURM_SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=600)
         assert up.returncode == 0, up.stdout + up.stderr
-        env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"),
+        yield dict(os.environ, SLURM_CONF=str(state / "slurm.conf"),
                    PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
-        yield env
     finally:
         subprocess.run([str(SLURM_SCRIPT), "stop", str(state)], capture_output=True, timeout=120)
         shutil.rmtree(state, ignore_errors=True)
