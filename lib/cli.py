@@ -295,9 +295,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("--run", type=Path, required=True)
     e.add_argument("--data-dir")
     args = p.parse_args(argv)
-    signals.install()  # a stop signal is a flag the loops look at, never a traceback
     try:
-        return _dispatch(args)
+        with signals.catching():  # a stop signal is a flag the loops look at, never a traceback
+            return _dispatch(args)
     except signals.Interrupted:
         return signals.EXIT_INTERRUPTED
     except KeyboardInterrupt:
@@ -307,8 +307,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError, MatrixBusy, SlurmError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        signals.ignore_from_now()
 
 
 def _dispatch(args) -> int:

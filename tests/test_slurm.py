@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -52,18 +53,25 @@ def _wait(predicate, what, env, timeout=150):
         _start_requeued_now(env)
         time.sleep(0.1)
     queue = subprocess.run(["squeue", "--array", "-t", "all"], env=env, capture_output=True, text=True).stdout
-    raise AssertionError(f"timed out waiting for {what}\n{queue}")
+    logs = Path(env["SLURM_CONF"]).parent / "log"
+    tails = "".join(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-25:]) + "\n"
+                    for f in sorted(logs.glob("slurm*.log")))
+    raise AssertionError(f"timed out waiting for {what}\n{queue}{tails}")
 
 
 def _start_requeued_now(env):
-    """A requeued task waits ~120 s (BeginTime); start it now, with the usual 5 minutes."""
-    out = subprocess.run(["squeue", "--array", "--noheader", "-t", "PD", "-O", "JobArrayID:30,Reason:40"],
+    """A requeued task waits ~120 s (BeginTime); start it now, with the usual 5 minutes,
+    once the processes of its previous run are gone (a batch job cannot be launched on a
+    node where its previous run's slurmstepd still runs)."""
+    out = subprocess.run(["squeue", "--array", "--noheader", "-t", "PD", "-O", "JobArrayID:30,JobID:30,Reason:40"],
                          env=env, capture_output=True, text=True).stdout
+    steps = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
     for line in out.splitlines():
-        task, reason = line[:30].strip(), line[30:].strip()
-        if reason == "BeginTime":
+        task, job, reason = line[:30].strip(), line[30:60].strip(), line[60:].strip()  # JobID: the task's own id
+        if reason == "BeginTime" and not any(s.startswith(f"slurmstepd: [{job}.") for s in steps):
             subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now", "TimeLimit=5"], env=env,
                            capture_output=True)
+
 
 
 def _limit_to_one_more_minute(task, env):
