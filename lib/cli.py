@@ -337,6 +337,8 @@ def _dispatch(args) -> int:
         print(f"continuing {run}")
         if (run / "matrix.json").exists():
             return continue_matrix(run, args)
+        if args.launcher or args.set.strip():
+            raise ConfigError(f"{run} is a single run: LAUNCHER= and SET= on `make continue` are for a matrix")
         return continue_run(run)
     if args.cmd == "evaluate":
         evaluate_run(args.run, args.data_dir)

@@ -109,3 +109,10 @@ def test_without_sbatch_the_slurm_launcher_says_where_to_run(tmp_path, monkeypat
     mdir = matrix.create(path, [], tmp_path / "results")
     with pytest.raises(slurm.SlurmError, match="sbatch/srun are not on PATH.*slurm-local.sh start"):
         slurm.run_matrix(mdir, cfg)
+
+
+def test_launcher_settings_on_continue_of_a_single_run_are_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    r = cli("continue", "--dir", str(run), "--launcher", "slurm")
+    assert r.returncode == 2 and "is a single run: LAUNCHER= and SET=" in r.stderr, r.stderr
