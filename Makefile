@@ -19,7 +19,7 @@ endif
 endif
 
 # Make-line shorthands that become config overrides (validated like .config).
-SHORTHANDS := EPOCHS MAX_ITERS BATCH_SIZE LR SEED DEVICE DATASET DATA_DIR NPROC CHECKPOINT_INTERVAL JOBS TRACKER
+SHORTHANDS := EPOCHS MAX_ITERS BATCH_SIZE LR SEED DEVICE DATASET DATA_DIR NPROC CHECKPOINT_INTERVAL JOBS TRACKER LAUNCHER
 OVERRIDES  := $(foreach v,$(SHORTHANDS),$(if $($(v)),--override=$(v)=$($(v))))
 SET        ?=
 
@@ -59,7 +59,8 @@ help:
 	@echo "  make status [DIR=]     done / running / failed / pending per cell of the newest matrix"
 	@echo "  make continue [DIR=]   resume the newest interrupted run or matrix (or DIR) from last.pt"
 	@echo "                         RERUN_FAILED=1 also reruns failed cells; ACCEPT_CONFIG_CHANGES=1 resumes"
-	@echo "                         although the current Kconfig resolves the run differently (recorded)"
+	@echo "                         although the current Kconfig resolves the run differently (recorded);"
+	@echo "                         LAUNCHER=local|slurm moves a matrix"
 	@echo "  make summary [DIR=]    rebuild summary.csv / summary.md of the newest (or DIR) matrix"
 	@echo "  make update-graphs [DIR=]  figures + report.md into <matrix>/graphs/ and images/<model>/"
 	@echo "  make trackio-view [MODEL=]  open trackio's local dashboard (results/trackio)"
@@ -74,6 +75,7 @@ help:
 	@echo "Overrides on any training target (validated like .config, recorded in the run):"
 	@echo "  EPOCHS= MAX_ITERS= BATCH_SIZE= LR= SEED= DEVICE=cpu|cuda|auto DATASET= DATA_DIR= NPROC="
 	@echo "  CHECKPOINT_INTERVAL= JOBS=<cells at once> TRACKER=none|trackio|wandb|trackio,wandb  SET=\"SYMBOL=value SYMBOL2=value\""
+	@echo "  LAUNCHER=local|slurm   where a matrix's cells run (slurm: one job array through submitit)"
 	@echo ""
 	@echo "  make clean             remove results/ ; make mrproper also removes .venv and .config"
 
@@ -122,7 +124,8 @@ prepare-data: $(STAMP)
 
 continue: $(STAMP)
 	exec $(PY) -m adamwprune continue --config $(CONFIG) $(OVERRIDES) --set '$(SET)' $(if $(DIR),--dir $(DIR)) \
-	    $(if $(RERUN_FAILED),--rerun-failed) $(if $(ACCEPT_CONFIG_CHANGES),--accept-config-changes)
+	    $(if $(RERUN_FAILED),--rerun-failed) $(if $(ACCEPT_CONFIG_CHANGES),--accept-config-changes) \
+	    $(if $(LAUNCHER),--launcher $(LAUNCHER))
 
 dry-run: $(STAMP)
 	@$(PY) -m adamwprune dry-run --config $(CONFIG) $(OVERRIDES) --set '$(SET)'

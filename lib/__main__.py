@@ -1,5 +1,11 @@
 import sys
 
+from . import signals
 from .cli import main
 
-sys.exit(main())
+# A command-line process keeps its stop handlers until it exits, then ignores stop
+# signals while the interpreter shuts down (see adamwprune.signals).
+signals.install()
+code = main()
+signals.ignore_from_now()
+sys.exit(code)

@@ -7,15 +7,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from . import checkpoint as ckpt
-from . import pinned
+from . import pinned, signals
 from .atomic import DiskFullError, write_text_atomic
 from .config import ROOT, ConfigError, load, parse_set
 from .locks import HELD_ENV, LockBusy, die_with_parent, lock_run
@@ -29,8 +31,10 @@ def _user_errors() -> tuple:
     """Problems a user can fix, reported in one line (never a traceback)."""
     from .data.tokens import DataPrepError
 
+    from .launch.slurm import SlurmError
+
     return (ConfigError, FileNotFoundError, ValueError, ckpt.CheckpointError, LockBusy, DiskFullError,
-            DataPrepError)
+            DataPrepError, SlurmError)
 
 
 def exit_status(exc: BaseException, cmd: str = "") -> int:
@@ -85,8 +89,13 @@ def train(config_path: Path, overrides: list[tuple[str, str]], run_dir: Optional
     cfg, _, _ = load(config_path, dict(overrides))
     if run_dir is None and not resume:
         print_override_effects(config_path, overrides)
-    if run_dir is None and not resume and matrix.is_matrix(cfg):
+    slurm = bool(cfg.matrix) and cfg.launcher == "slurm"  # even one cell: a job array of one
+    if run_dir is None and not resume and (matrix.is_matrix(cfg) or slurm):
         mdir = matrix.create(config_path, overrides, results_path(cfg))
+        if slurm:
+            from .launch.slurm import run_matrix as submit_matrix
+
+            return submit_matrix(mdir, cfg)
         unfinished = matrix.run(mdir, checked=True)
         return 1 if unfinished else 0
     if cfg.matrix:
@@ -128,7 +137,7 @@ def train_one(config_path: Optional[Path], overrides: list[tuple[str, str]], run
 
 
 def _fit(cfg, run_dir: Path, resume: bool, config_text: str, overrides) -> int:
-    from .engine import STATUS_COMPLETED, Trainer
+    from .engine import STATUS_COMPLETED, STATUS_INTERRUPTED, Trainer
 
     task = load_task(cfg.model)
     trainer = Trainer(task, cfg, run_dir, config_text=config_text,
@@ -137,6 +146,8 @@ def _fit(cfg, run_dir: Path, resume: bool, config_text: str, overrides) -> int:
         final = trainer.fit(resume=resume)
     finally:
         trainer.dist.close()
+    if final["status"] == STATUS_INTERRUPTED:
+        return signals.EXIT_INTERRUPTED
     return 0 if final["status"] == STATUS_COMPLETED else EXIT_DIVERGED
 
 
@@ -161,8 +172,39 @@ def _launch_torchrun(nproc: int, config_path, overrides, run_dir: Path, resume: 
     cmd += [f"--override={k}={v}" for k, v in overrides]
     if resume:
         cmd.append("--resume")
+    return _torchrun(cmd, run_dir)
+
+
+def _torchrun(cmd: list, run_dir: Path) -> int:
+    """Run torchrun until it exits (it holds no lock: this launcher does, HELD_ENV). A
+    stop signal is passed on to its workers (the terminal and Slurm signal them
+    directly too: once or twice is the same request), and torchrun itself waits for
+    them on SIGUSR2 as on SIGTERM instead of dying."""
+    import psutil
+
     env = dict(os.environ, **{HELD_ENV: str(run_dir.resolve())})
-    return subprocess.call(cmd, env=env, preexec_fn=die_with_parent)
+    env.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2")
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")  # time for rank 0 to write last.pt
+    (run_dir / "stopped.json").unlink(missing_ok=True)
+    with signals.catching() as stop:
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+        passed_on = False
+        while True:
+            try:
+                code = proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if stop.requested and not passed_on:
+                passed_on = True
+                for worker in psutil.Process(proc.pid).children():
+                    with contextlib.suppress(psutil.Error):
+                        worker.send_signal(signal.SIGTERM)
+    # The workers stopped on a signal (rank 0 says so in stopped.json): torchrun itself
+    # reports a worker that exits early as failed.
+    if (stop.requested or (run_dir / "stopped.json").exists()) and not (run_dir / "final.json").exists():
+        return signals.EXIT_INTERRUPTED
+    return code
 
 
 # ------------------------------------------------------------------ continue
@@ -190,14 +232,27 @@ def continue_run(run_dir: Path, accept_changes: bool = False, root: Optional[Pat
 
 
 def continue_target(run: Path, rerun_failed: bool = False, accept_changes: bool = False,
-                    root: Optional[Path] = None) -> int:
-    """`make continue` on a run or matrix directory; the exit status."""
+                    root: Optional[Path] = None, launcher: Optional[str] = None,
+                    launcher_set: Sequence[tuple[str, str]] = ()) -> int:
+    """`make continue` on a run or matrix directory; the exit status. A matrix runs its
+    unfinished cells where they ran before (or where ``launcher`` says), never while
+    Slurm still holds a task of it."""
     root = root or ROOT
     print(f"continuing {run}", flush=True)
     if (run / "matrix.json").exists():
+        from .launch import slurm
         from .matrix import run as run_matrix
 
+        extra = list(launcher_set) + ([("LAUNCHER", launcher)] if launcher else [])
+        if slurm.is_slurm_matrix(run):
+            slurm.refuse_if_active(run)
+        cfg = slurm.matrix_config(run, extra)
+        if cfg.launcher == "slurm":
+            return slurm.run_matrix(run, cfg, rerun_failed=rerun_failed)
         return 1 if run_matrix(run, rerun_failed=rerun_failed, accept_changes=accept_changes, root=root) else 0
+    if launcher or launcher_set:
+        raise ConfigError(f"{run} is a single run: it keeps the configuration it was created with; LAUNCHER= "
+                          "and SET=\"SLURM_...\" on `make continue` are for a matrix")
     return continue_run(run, accept_changes, root)
 
 
@@ -276,6 +331,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rerun-failed", action="store_true", help="also rerun failed matrix cells")
     c.add_argument("--accept-config-changes", action="store_true",
                    help="resume although the current Kconfig resolves the run differently (recorded)")
+    c.add_argument("--launcher", choices=("local", "slurm"), help="where a matrix's cells run (default: "
+                   "where they ran)")
     st = sub.add_parser("status", help="state of every cell of the newest (or DIR) matrix")
     st.add_argument("--dir", type=Path)
     for q in (r, d, c, st):
@@ -293,10 +350,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_launcher(key: str) -> bool:
+    key = key.removeprefix("CONFIG_")
+    return key == "LAUNCHER" or key.startswith(("LAUNCHER_", "SLURM_"))
+
+
 def _results(args) -> Path:
     if args.results is not None:
         return args.results
-    extra = [k for k, _ in parse_overrides(args.override, args.set) if k.removeprefix("CONFIG_") != "RUN_RESULTS_DIR"]
+    extra = [k for k, _ in parse_overrides(args.override, args.set)
+             if k.removeprefix("CONFIG_") != "RUN_RESULTS_DIR" and not (args.cmd == "continue" and _is_launcher(k))]
     if extra:
         raise ConfigError(f"`make {args.cmd}` takes no training overrides ({', '.join(extra)}): a run keeps the "
                           "configuration it was created with; only SET=\"RUN_RESULTS_DIR=<dir>\" (where to look) applies")
@@ -329,7 +392,15 @@ def _dispatch(args) -> int:
         if run is None:
             print(f"nothing to continue: every run under {results} has finished")
             return 0
-        return continue_target(run, args.rerun_failed, args.accept_config_changes)
+        # Everything but RUN_RESULTS_DIR (where to look) goes on: a matrix takes launcher
+        # settings only (slurm.matrix_config says so in one line), a single run none.
+        given = [(k, v) for k, v in parse_overrides(args.override, args.set)
+                 if k.removeprefix("CONFIG_") != "RUN_RESULTS_DIR"]
+        pairs = [(k, v) for k, v in given if k.removeprefix("CONFIG_") != "LAUNCHER"]
+        launcher = args.launcher or next((v for k, v in given
+                                          if k.removeprefix("CONFIG_") == "LAUNCHER"), None)
+        return continue_target(run, args.rerun_failed, args.accept_config_changes,
+                               launcher=launcher, launcher_set=pairs)
     if args.cmd == "export":
         from .export import export_run
 
@@ -345,7 +416,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cmd in ("run", "continue") and os.environ.get("MAKELEVEL"):
         die_with_parent()  # started by make: a killed make takes its trainer with it
     try:
-        return _dispatch(args)
+        with signals.catching():  # a stop signal is a flag the loops look at, never a traceback
+            return _dispatch(args)
+    except signals.Interrupted:
+        return signals.EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("aborted by a second Ctrl-C: nothing was saved after the last checkpoint "
+              "(`make continue` resumes from it)", file=sys.stderr)
+        return 130
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exit_status(exc, args.cmd)

@@ -134,6 +134,17 @@ FIELDS: tuple[Field, ...] = (
     Field("matrix_seeds", "MATRIX_SEEDS", "int"),
     Field("matrix_seed_list", "MATRIX_SEED_LIST", "str"),
     Field("matrix_jobs", "MATRIX_JOBS", "int"),
+    # where the cells run (Kconfig.launcher)
+    _choice("launcher", "LAUNCHER"),
+    Field("slurm_partition", "SLURM_PARTITION", "str"),
+    Field("slurm_time_min", "SLURM_TIME_MIN", "int"),
+    Field("slurm_signal_delay_s", "SLURM_SIGNAL_DELAY", "int"),
+    Field("slurm_cpus_per_task", "SLURM_CPUS_PER_TASK", "int"),
+    Field("slurm_gpus_per_task", "SLURM_GPUS_PER_TASK", "int"),
+    Field("slurm_mem_gb", "SLURM_MEM_GB", "int"),
+    Field("slurm_array_parallelism", "SLURM_ARRAY_PARALLELISM", "int"),
+    Field("slurm_max_requeues", "SLURM_MAX_REQUEUES", "int"),
+    Field("slurm_sbatch_extra", "SLURM_SBATCH_EXTRA", "str"),
 )
 
 FIELD_BY_NAME = {f.name: f for f in FIELDS}
@@ -197,8 +208,11 @@ def _why_dropped(sym: kconfiglib.Symbol, asked: str) -> str:
                     return f"outside the range {lo_v}..{hi_v}"
     if sym.type in (kconfiglib.BOOL, kconfiglib.TRISTATE) and asked not in ("y", "n", "m"):
         return "not a valid bool (use y or n)"
-    if kconfiglib.expr_value(sym.direct_dep) == 0:
-        return f"its dependencies are not met (depends on {kconfiglib.expr_str(sym.direct_dep)})"
+    dep = sym.direct_dep
+    if sym.choice is not None and kconfiglib.expr_value(sym.choice.direct_dep) == 0:
+        dep = sym.choice.direct_dep  # a choice member: name what the choice depends on
+    if kconfiglib.expr_value(dep) == 0:
+        return f"its dependencies are not met (depends on {kconfiglib.expr_str(dep)})"
     if sym.choice is not None and asked == "y":
         return f"{sym.choice.name or 'its choice'} selected {sym.choice.selection.name if sym.choice.selection else 'nothing'}"
     return f"the value became {sym.str_value or 'unset'!r}"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import signals
 from .atomic import write_text_atomic
 from .distributed import DistContext
 from .lr import lr_at
@@ -33,6 +34,7 @@ from . import segments
 from .rundir import RunDir, environment, read_json
 
 STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "completed", "diverged", "failed"
+STATUS_INTERRUPTED = "interrupted"  # a stop signal: last.pt saved, no final.json
 
 
 class DivergedError(RuntimeError):
@@ -424,6 +426,8 @@ class Trainer:
         self.setup()
         resumed = self.resume() if resume else False
         self._from_step = self.step
+        if self.dist.is_main:
+            (self.run / "stopped.json").unlink(missing_ok=True)  # the stop it resumes from is over
         self._write_start_files(resumed)
         self._start_tracker(resumed)
         self._banner(resumed)
@@ -435,6 +439,8 @@ class Trainer:
         self._set_phase("compile" if self.cfg.compile else "train")
         status, message = STATUS_COMPLETED, None
         self._train_time, self._steps_run = 0.0, 0
+        stopping = contextlib.ExitStack()
+        stop = stopping.enter_context(signals.catching())  # SIGTERM/SIGUSR2/Ctrl-C: a flag only
         try:
             while self.step < self.total_steps:
                 t = time.perf_counter()
@@ -461,6 +467,8 @@ class Trainer:
                 progress.update(self.step, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
                                 sparsity=self.sparsity() if due_eval or due_line else None,
                                 **metric)
+                if stop.agreed(self.dist, self.device, due_eval or due_save or due_line):
+                    return self._stopped(stop)
         except DivergedError as exc:
             status, message = STATUS_DIVERGED, f"training diverged: {exc}; lower LR= or enable TRAIN_GRAD_CLIP"
         except BaseException:
@@ -469,6 +477,7 @@ class Trainer:
             raise
         finally:
             progress.close()
+            stopping.close()
         final = self._final(status, message, started, self._train_time, self._steps_run)
         if self.tracker is not None:
             from .tracking import final_to_metrics
@@ -476,6 +485,22 @@ class Trainer:
             self.tracker.log(final_to_metrics(final), final["steps"])
             self.tracker.finish(status)
         return final
+
+    def _stopped(self, stop) -> dict:
+        """A stop signal came: last.pt at this step, no final.json (the run is unfinished)."""
+        self.loss.read()  # a NaN step is divergence, never checkpointed
+        self.save_last()
+        self.run.write_json("stopped.json", {"signal": stop.name, "step": self.step})
+        self.dist.barrier()  # no rank exits (and makes torchrun stop the rest) before rank 0 saved
+        if self.sampler is not None:
+            self.sampler.stop()
+        if self.tracker is not None:
+            self.tracker.finish(STATUS_INTERRUPTED)
+        if self.dist.is_main:
+            print(f"[adamwprune] stopped by {stop.name} at step {self.step}/{self.total_steps}: last.pt saved "
+                  f"in {self.run.path}; resume with `{signals.resume_hint(self.run.path)}`", flush=True)
+        return {"status": STATUS_INTERRUPTED, "signal": stop.name, "steps": self.step,
+                "total_steps": self.total_steps}
 
     # -- files
     def _write_start_files(self, resumed: bool) -> None:

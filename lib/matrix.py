@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from typing import Optional, Sequence
 
 import psutil
 
-from . import pinned
+from . import pinned, signals
 from .atomic import write_text_atomic
 from .config import ROOT, SHORTHANDS, load, minimal_text
 from .locks import DirLock, LockBusy, die_with_parent, holder
@@ -158,9 +159,20 @@ def create(config_path: Path, overrides: Sequence[tuple[str, str]], results: Pat
 
 
 def cell_pairs(meta: dict, cell: Cell, extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
-    """The overrides a cell runs with; the cell is a single run, matrix symbols stay out."""
-    user = [tuple(p) for p in meta["overrides"] if not _symbol(p[0]).startswith("MATRIX")]
+    """The overrides a cell runs with; the cell is a single run: matrix and launcher
+    symbols stay out."""
+    user = [tuple(p) for p in meta["overrides"]
+            if not _symbol(p[0]).startswith(("MATRIX", "LAUNCHER", "SLURM_"))]
     return list(cell.overrides) + user + list(extra) + [("MATRIX", "n")]
+
+
+def cell_command(matrix_dir: Path, cell: Cell, meta: dict, extra: Sequence[tuple[str, str]] = (),
+                 resume: bool = False) -> list[str]:
+    """The command that runs one cell (the local runner and a Slurm task run the same)."""
+    pairs = cell_pairs(meta, cell, extra)
+    cmd = [sys.executable, "-m", "adamwprune", "run", "--config", str(Path(matrix_dir) / "defconfig"),
+           "--run-dir", str(Path(matrix_dir) / cell.id)] + [f"--override={k}={v}" for k, v in pairs]
+    return cmd + ["--resume"] if resume else cmd
 
 
 def resolve_cell(matrix_dir: Path, pairs, root: Path = ROOT):
@@ -284,13 +296,18 @@ def _cut_last_line(path: Path) -> bool:
 
 
 def status(matrix_dir: Path) -> int:
+    from .launch.slurm import StatusView
+
     meta, cells = load_cells(matrix_dir)
     counts: dict[str, int] = {}
-    print(f"matrix {matrix_dir} ({meta['name']}, {len(cells)} cells)")
+    slurm = StatusView.load(matrix_dir)  # None unless the matrix was submitted to Slurm
+    print(f"matrix {matrix_dir} ({meta['name']}, {len(cells)} cells{slurm.header() if slurm else ''})")
     for c in cells:
-        state = cell_state(matrix_dir / c.id)
+        state, note = cell_state(matrix_dir / c.id), ""
+        if slurm:
+            state, note = slurm.cell(c.id, state)
         counts[state] = counts.get(state, 0) + 1
-        print(f"  {state:<12} {progress_of(matrix_dir / c.id):>13}  {c.id}")
+        print(f"  {state:<12} {progress_of(matrix_dir / c.id):>13}  {c.id:<44} {note}".rstrip())
     print("  " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 0
 
@@ -321,15 +338,10 @@ def _start(matrix_dir: Path, cell: Cell, meta: dict, slot: int, jobs: int, resum
     cell_dir = matrix_dir / cell.id
     cell_dir.mkdir(exist_ok=True)
     env, extra = _cell_env(slot, jobs)
-    pairs = cell_pairs(meta, cell, extra)
-    cmd = [sys.executable, "-m", "adamwprune", "run", "--config", str(matrix_dir / "defconfig"),
-           "--run-dir", str(cell_dir)] + [f"--override={k}={v}" for k, v in pairs]
-    if resume:
-        cmd.append("--resume")
+    cmd = cell_command(matrix_dir, cell, meta, extra, resume)
     log = open(cell_dir / "train.log", "a")
-    # The cell gets SIGTERM when the runner dies (even by kill -9): no orphan keeps writing.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=die_with_parent)
+                            preexec_fn=_die_with_parent)
     log.close()
     try:
         pid_started = psutil.Process(proc.pid).create_time()
@@ -340,19 +352,31 @@ def _start(matrix_dir: Path, cell: Cell, meta: dict, slot: int, jobs: int, resum
     return proc
 
 
+def _die_with_parent() -> None:
+    """In a cell's process before it runs: SIGTERM when the runner dies (even by kill -9:
+    no orphan keeps writing), and the stop signals held back until its trainer can
+    handle them (a signal during `import torch` is then held, not lost)."""
+    die_with_parent()
+    signals.preexec_block()
+
+
 def _symbol(key: str) -> str:
     key = key[len("CONFIG_"):] if key.startswith("CONFIG_") else key
     return SHORTHANDS.get(key, key)
 
 
-def _finish(matrix_dir: Path, cell: Cell, code: int) -> str:
+def _finish(matrix_dir: Path, cell: Cell, code: int, **extra) -> str:
     """Record how a cell's process ended: its final.json's status; interrupted when a
-    signal (the OOM killer, kill -9) or a full disk stopped it; else failed."""
+    stop signal made it save and exit (exit status 75, stopped.json), when a signal
+    (the OOM killer, kill -9) or a full disk stopped it; else failed."""
     cell_dir = matrix_dir / cell.id
     final = read_json(cell_dir / "final.json")
-    info = {"exit_code": code, "finished": time.time(), "log_tail": _tail(cell_dir / "train.log")}
+    info = {"exit_code": code, "finished": time.time(), "log_tail": _tail(cell_dir / "train.log"),
+            **extra}
     if final:
         state = final["status"]
+    elif code == signals.EXIT_INTERRUPTED or (cell_dir / "stopped.json").exists():
+        state, info["reason"] = "interrupted", "stopped by a signal (last.pt saved)"
     elif code < 0 or code > 128 or code == EXIT_DISK_FULL:  # killed by signal -code (or code - 128)
         state = "interrupted"
         sig = -code if code < 0 else code - 128 if code > 128 else None
@@ -374,7 +398,7 @@ def run(matrix_dir: Path, rerun_failed: bool = False, jobs: Optional[int] = None
     configuration is first compared with what the tree at `root` resolves now."""
     with DirLock(matrix_dir, "matrix"):
         meta, cells = load_cells(matrix_dir)
-        todo = _todo(matrix_dir, cells, rerun_failed)
+        todo = unfinished(matrix_dir, cells, rerun_failed)
         if not checked:
             _check_config(matrix_dir, todo, meta, accept_changes, root)
         meta = load_cells(matrix_dir)[0]
@@ -382,7 +406,8 @@ def run(matrix_dir: Path, rerun_failed: bool = False, jobs: Optional[int] = None
         return _report(matrix_dir, cells)
 
 
-def _todo(matrix_dir: Path, cells: Sequence[Cell], rerun_failed: bool) -> list[Cell]:
+def unfinished(matrix_dir: Path, cells: Sequence[Cell], rerun_failed: bool = False) -> list[Cell]:
+    """The cells `make continue` runs again: not done or diverged; failed ones on request."""
     todo = []
     for c in cells:
         state = cell_state(matrix_dir / c.id)
@@ -398,8 +423,12 @@ def _run(matrix_dir: Path, meta: dict, cells: Sequence[Cell], todo: list[Cell], 
     running: dict[int, tuple[Cell, subprocess.Popen]] = {}
     progress = Progress(len(cells), len(cells) - len(todo), len(todo), jobs)
     queue = list(todo)
+    stop, stopping = signals.active() or signals.StopRequest(), False
     while queue or running:
-        while queue and len(running) < jobs:
+        if stop.requested and not stopping:
+            stopping = True
+            _stop_cells(running, queue)
+        while queue and len(running) < jobs and not stop.requested:
             slot = next(i for i in range(jobs) if i not in running)
             cell = queue.pop(0)
             _wait_for_holder(matrix_dir / cell.id)
@@ -414,7 +443,22 @@ def _run(matrix_dir: Path, meta: dict, cells: Sequence[Cell], todo: list[Cell], 
                 continue
             del running[slot]
             state = _finish(matrix_dir, cell, code)
-            print(f"[matrix] {state:<11} {cell.id} {progress.cell_done(cell.id)}", flush=True)
+            done = "(last.pt saved)" if state == "interrupted" else progress.cell_done(cell.id)
+            print(f"[matrix] {state:<11} {cell.id} {done}", flush=True)
+    if stop.requested:
+        print(f"[matrix] stopped by {stop.name}; `make continue DIR={matrix_dir}` resumes the interrupted "
+              f"cells from their last.pt", flush=True)
+        raise signals.Interrupted(stop.signum)
+
+
+def _stop_cells(running: dict, queue: list) -> None:
+    """A stop signal reached the runner: start nothing more, and ask each running cell
+    to save and stop (the terminal's Ctrl-C reached them already; a `kill` of the
+    runner alone did not). Their exits are then collected as usual."""
+    queue.clear()
+    for cell, proc in running.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
 
 
 def _wait_for_holder(cell_dir: Path, timeout_s: float = 120.0) -> None:
@@ -462,7 +506,7 @@ def _report(matrix_dir: Path, cells: Sequence[Cell]) -> int:
         return 0
     hints = {"failed": "logs: <cell>/train.log; rerun with `make continue RERUN_FAILED=1`",
              "diverged": "a non-finite loss; see final.json's message",
-             "interrupted": "killed or out of disk; `make continue` resumes them",
+             "interrupted": "stopped by a signal, killed or out of disk; `make continue` resumes them",
              "pending": "not started", "running": "still held by another process"}
     for s, ids in bad.items():
         if ids:

@@ -26,6 +26,8 @@ NEEDS_RUN = "needs a run or matrix directory the docs leave to the reader (<run>
 EXAMPLE_MATRIX = "needs the 10-cell example matrix the example above it trains (1 min 40 s)"
 INTERACTIVE = "interactive (a terminal menu or a web dashboard)"
 GPU = "needs a GPU (scripts/gpu_session.sh runs it on a lent GPU machine)"
+SLURM = ("needs the local Slurm cluster and minutes of cells; tests/test_slurm.py runs a matrix through "
+         "scripts/slurm-local.sh")
 DATA = "tokenizes the 1.2 M-token corpus (about a minute); tests/test_tokens.py prepares small shards"
 
 COMMANDS = {
@@ -79,6 +81,15 @@ COMMANDS = {
         TRAINS,
     'make defconfig DEFCONFIG=lenet5-adamw SET="OPTIMIZER_ADAMWPRUNE=y"': RUN,
     "make export RUN=results/<run>": NEEDS_RUN,
+    "make CONFIG=/tmp/sig/.config MAX_ITERS=2000      # a LeNet-5 run; `kill -TERM <its python>` after 8 s":
+        "trains and is killed by hand; tests/test_signals.py stops runs with each signal",
+    'eval "$(scripts/slurm-local.sh start)"': SLURM,
+    "scripts/slurm-local.sh stop": SLURM,
+    "make defconfig DEFCONFIG=lenet5-compare && make LAUNCHER=slurm DATASET=synthetic MAX_ITERS=40": SLURM,
+    'make CONFIG=/tmp/docs-slurm/m.config LAUNCHER=slurm EPOCHS=2 SET="RUN_RESULTS_DIR=/tmp/docs-slurm/results SLURM_TIME_MIN=30"':
+        SLURM,
+    "make status DIR=/tmp/docs-slurm/results/20261204-202126_lenet5-compare": SLURM,
+    "make defconfig DEFCONFIG=lenet5-compare CONFIG=/tmp/docs-slurm/m.config \\": SLURM,
     "make defconfig DEFCONFIG=gpt2-shakespeare-tiny": RUN,
     "make bench-inference RUN=results/<run>": NEEDS_RUN,
     "make export RUN=results/<timestamp>_<run>": NEEDS_RUN,
