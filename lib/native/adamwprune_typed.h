@@ -81,12 +81,25 @@ static void F(keys)(const int64_t *p, T eps, int variant, int64_t lo, int64_t n,
 }
 
 /* Scores (not keys) of [lo, lo + n) from the stored state: -inf where pruned. */
+#define DEFINE_SCORES(VARIANT)                                                          \
+  static void F(scores_##VARIANT)(const T *restrict w, const T *restrict m,             \
+                                  const T *restrict v, T eps, int64_t lo, int64_t n,    \
+                                  T *restrict out) {                                    \
+    _Pragma("omp simd")                                                                 \
+    for (int64_t i = 0; i < n; i++) {                                                   \
+      const T wi = w[lo + i], mi = m[lo + i], vi = v[lo + i];                           \
+      const T s = SCORE(VARIANT, wi, mi, SQRT(vi), eps);                                \
+      out[i] = PRUNED(vi) ? -(T)INFINITY : s;                                           \
+    }                                                                                   \
+  }
+DEFINE_SCORES(0)
+DEFINE_SCORES(1)
+#undef DEFINE_SCORES
+
 static void F(scores)(const int64_t *p, T eps, int variant, int64_t lo, int64_t n, T *out) {
   const T *w = (const T *)p[0], *m = (const T *)p[1], *v = (const T *)p[2];
-  for (int64_t i = 0; i < n; i++) {
-    const T wi = w[lo + i], mi = m[lo + i], vi = v[lo + i];
-    out[i] = PRUNED(vi) ? -(T)INFINITY : SCORE(variant, wi, mi, SQRT(vi), eps);
-  }
+  if (variant == 0) F(scores_0)(w, m, v, eps, lo, n, out);
+  else F(scores_1)(w, m, v, eps, lo, n, out);
 }
 
 /* ------------------------------------------------------------- stand-alone top-k */
@@ -182,23 +195,50 @@ int64_t F(prune_apply)(int64_t nt, const int64_t *ptrs, const int64_t *numel, co
 
 /* ------------------------------------------------------------------- N:M groups */
 
-/* The cost of making group g (entries [g*m, g*m + m) of a tensor) N:M, and in low[]
-   the m - n positions it would prune (its lowest scores, ties by index): the sum of
-   their scores, in index order; -inf when the group holds a pruned entry. */
-static T F(group_cost)(const T *score, int64_t m, int64_t n, int64_t *low) {
-  int64_t order[MAX_M];
-  for (int64_t i = 0; i < m; i++) {  /* insertion sort by (score, index): m is small */
-    int64_t j = i;
-    while (j > 0 && score[order[j - 1]] > score[i]) { order[j] = order[j - 1]; j--; }
-    order[j] = i;
+/* Group selection: in a group of M scores the entry i is among the M - N to prune
+   when its rank (how many entries come before it by (score, index)) is below M - N.
+   Ranks need no sort, so a loop over the groups vectorises; M = 4 (2:4, 1:4) gets a
+   loop of its own. A group's cost is the sum, in index order, of the scores it
+   would prune; -inf when it holds a pruned entry. */
+#define GROUP_COST(M, S, DROP, COST, PICK)                                              \
+  do {                                                                                  \
+    T cost_ = 0;                                                                        \
+    for (int i_ = 0; i_ < (M); i_++) {                                                  \
+      int r_ = 0;                                                                       \
+      for (int j_ = 0; j_ < (M); j_++)                                                  \
+        r_ += ((S)[j_] < (S)[i_]) | (((S)[j_] == (S)[i_]) & (j_ < i_));                  \
+      (PICK)[i_] = r_ < (DROP);                                                         \
+      cost_ += (PICK)[i_] ? (S)[i_] : (T)0;                                             \
+    }                                                                                   \
+    (COST) = cost_;                                                                     \
+  } while (0)
+
+/* Keys of the costs of the len / m groups of score[0..len) into keys[]. */
+static void F(group_keys)(const T *score, int64_t len, int64_t m, int64_t n, K *keys) {
+  int pick[MAX_M];
+  T cost;
+  if (m == 4) {
+    _Pragma("omp simd private(pick, cost)")
+    for (int64_t g = 0; g < len / 4; g++) {
+      GROUP_COST(4, score + 4 * g, 4 - n, cost, pick);
+      keys[g] = cost == -(T)INFINITY ? (K)0 : KEYF(cost);
+    }
+    return;
   }
-  int64_t pick[MAX_M] = {0};
-  for (int64_t i = 0; i < m - n; i++) pick[order[i]] = 1;
-  T cost = 0;
-  int64_t k = 0;
-  for (int64_t i = 0; i < m; i++)
-    if (pick[i]) { cost += score[i]; low[k++] = i; }
-  return cost;
+  for (int64_t g = 0; g < len / m; g++) {
+    GROUP_COST(m, score + m * g, m - n, cost, pick);
+    keys[g] = cost == -(T)INFINITY ? (K)0 : KEYF(cost);
+  }
+}
+
+/* Prune the m - n entries group g would lose (its first entry at index first). */
+static void F(prune_group)(const int64_t *p, const T *score, int64_t first, int64_t m,
+                           int64_t n) {
+  int pick[MAX_M];
+  T cost;
+  GROUP_COST(m, score, m - n, cost, pick);
+  (void)cost;
+  for (int64_t i = 0; i < m; i++) if (pick[i]) F(zero_entry)(p, first + i);
 }
 
 /* Pass 1 over the groups of an N:M pattern: histogram of the top 16 bits of every
@@ -216,7 +256,7 @@ int F(nm_hist)(int64_t nt, const int64_t *ptrs, const int64_t *numel, const doub
   {
     uint32_t *local = (uint32_t *)calloc(NBINS, sizeof(uint32_t));
     T score[SUB];
-    int64_t low[MAX_M];
+    K keys[SUB];
     if (!local) {
       #pragma omp atomic write
       failed = 1;
@@ -228,10 +268,8 @@ int F(nm_hist)(int64_t nt, const int64_t *ptrs, const int64_t *numel, const doub
       for (int64_t lo = chunks[c].lo; lo < chunks[c].hi; lo += SUB) {
         const int64_t len = chunks[c].hi - lo < SUB ? chunks[c].hi - lo : SUB;
         F(scores)(p, (T)eps[t], variant, lo, len, score);
-        for (int64_t g = 0; g < len; g += m) {
-          const T cost = F(group_cost)(score + g, m, n, low);
-          local[(cost == -(T)INFINITY ? (K)0 : KEYF(cost)) >> SHIFT]++;
-        }
+        F(group_keys)(score, len, m, n, keys);
+        for (int64_t g = 0; g < len / m; g++) local[keys[g] >> SHIFT]++;
       }
     }
     if (local) {
@@ -259,21 +297,20 @@ int64_t F(nm_apply)(int64_t nt, const int64_t *ptrs, const int64_t *numel, const
   for (int64_t c = 0; c < nchunks; c++) {
     const int64_t t = chunks[c].t, *p = ptrs + 6 * t;
     T score[SUB];
-    int64_t low[MAX_M];
+    K keys[SUB];
     for (int64_t lo = chunks[c].lo; lo < chunks[c].hi; lo += SUB) {
       const int64_t len = chunks[c].hi - lo < SUB ? chunks[c].hi - lo : SUB;
       F(scores)(p, (T)eps[t], variant, lo, len, score);
-      for (int64_t g = 0; g < len; g += m) {
-        const T cost = F(group_cost)(score + g, m, n, low);
-        const K key = cost == -(T)INFINITY ? (K)0 : KEYF(cost);
-        const int64_t b = (int64_t)(key >> SHIFT);
-        if (b < bin) {
-          for (int64_t i = 0; i < m - n; i++) F(zero_entry)(p, lo + g + low[i]);
+      F(group_keys)(score, len, m, n, keys);
+      for (int64_t g = 0; g < len / m; g++) {
+        const int64_t b = (int64_t)(keys[g] >> SHIFT);
+        if (keys[g] != 0 && b < bin) {  /* key 0: N:M already */
+          F(prune_group)(p, score + g * m, lo + g * m, m, n);
         } else if (b == bin) {
           int64_t slot;
           #pragma omp atomic capture
           slot = found++;
-          if (slot < ncand) { cand[slot].key = key; cand[slot].idx = offsets[t] + (lo + g) / m; }
+          if (slot < ncand) { cand[slot].key = keys[g]; cand[slot].idx = offsets[t] + (lo + g * m) / m; }
         }
       }
     }
@@ -284,10 +321,8 @@ int64_t F(nm_apply)(int64_t nt, const int64_t *ptrs, const int64_t *numel, const
       const int64_t a = tensor_of(offsets, nt, cand[j].idx), *p = ptrs + 6 * a;
       const int64_t first = (cand[j].idx - offsets[a]) * m;
       T score[MAX_M];
-      int64_t low[MAX_M];
       F(scores)(p, (T)eps[a], variant, first, m, score);
-      F(group_cost)(score, m, n, low);
-      for (int64_t i = 0; i < m - n; i++) F(zero_entry)(p, first + low[i]);
+      F(prune_group)(p, score, first, m, n);
     }
   }
   free(chunks);
@@ -680,6 +715,7 @@ int F(prune_finish)(const int64_t *pptrs, const Cand *cand, int64_t n_cand, int6
 #undef ARGS
 #undef UNDO
 #undef SCORE
+#undef GROUP_COST
 #undef ADAM_UPDATE
 #undef ADAM_STORE
 #undef RANGE_HEAD
