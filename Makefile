@@ -26,7 +26,7 @@ SET        ?=
 # Every variable given on the make line either does something or is refused:
 # a Kconfig symbol goes through SET="SYMBOL=value", never as a bare variable.
 MAKE_VARIABLES := $(SHORTHANDS) SET CONFIG DEFCONFIG DIR RUN RERUN_FAILED ACCEPT_CONFIG_CHANGES MODEL \
-                  PYTEST_ARGS BENCH_ARGS VENV PYTHON_BOOT TORCHRUN_ARGS TIKTOKEN_CACHE_DIR
+                  PYTEST_ARGS BENCH_ARGS NANOGPT_DIR COMPARE_ARGS VENV PYTHON_BOOT TORCHRUN_ARGS TIKTOKEN_CACHE_DIR
 UNKNOWN_VARIABLES := $(filter-out $(MAKE_VARIABLES),$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
 ifneq ($(UNKNOWN_VARIABLES),)
 $(error $(firstword $(UNKNOWN_VARIABLES))=$($(firstword $(UNKNOWN_VARIABLES))) is not a make variable of this project; a Kconfig symbol goes in SET="$(firstword $(UNKNOWN_VARIABLES))=..." (`make help` lists the variables))
@@ -66,6 +66,7 @@ help:
 	@echo "  make trackio-view [MODEL=]  open trackio's local dashboard (results/trackio)"
 	@echo "  make trackio-test / make wandb-test   log a short fake run to check a tracker's set-up"
 	@echo "  make bench             optimizer-step, memory, mask-update and engine benchmarks -> results/bench/"
+	@echo "                         NANOGPT_DIR=<nanoGPT checkout> also times our engine against nanoGPT's train.py"
 	@echo "  make gputop [DIR=]     live view of device memory and the running cells"
 	@echo "  make evaluate RUN=<run dir> [DATASET=<name>] [DATA_DIR=<dir>]   best.pt on a test split -> eval.json"
 	@echo "  make export RUN=<run dir>   best.pt -> <run>/export/: safetensors, compressed-tensors copy,"
@@ -170,3 +171,4 @@ mrproper: clean
 	rm -rf $(VENV) .config .config.old
 bench: $(STAMP)
 	$(PY) -m adamwprune.bench $(BENCH_ARGS)
+	$(if $(NANOGPT_DIR),$(PY) scripts/compare_nanogpt.py --nanogpt-dir $(NANOGPT_DIR) $(COMPARE_ARGS))

@@ -4,7 +4,7 @@
     cd gpt2 && python train.py --optimizer adamwprune --pruning-method state --target-sparsity 0.5 \
         --max-iters 200 --set "GPT2_SIZE_TINY=y GPT2_BLOCK_SIZE=64"
 Token shards are prepared on first use (or with `make prepare-data`) under
-DATA_DIR/tokens/<source>/.
+DATA_DIR/tokens/<source>/ (GPT-2 BPE, or characters with DATASET=text_char).
 """
 import sys
 from pathlib import Path
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from adamwprune.config import resolve_path
-from adamwprune.data import tokens
-from adamwprune.models.gpt2 import GPT, gpt_config
+from adamwprune.data import chars, tokens
+from adamwprune.models.gpt2 import GPT, PADDED_VOCAB, gpt_config
 from adamwprune.tasks import Splits, perplexity
 
 DEFAULT_EVAL_BATCHES = 20  # fixed, deterministic windows per split when TRAIN_EVAL_BATCHES=0
@@ -23,6 +23,9 @@ DEFAULT_EVAL_BATCHES = 20  # fixed, deterministic windows per split when TRAIN_E
 def shard_dir(cfg) -> Path:
     """Where the token shards of cfg's dataset live."""
     root = resolve_path(cfg.data_dir) / "tokens"
+    if cfg.dataset == "text_char":
+        src = resolve_path(cfg.gpt2_text_source)
+        return root / f"{src.parent.name}-{src.stem}-char"
     budget = f"-{cfg.gpt2_token_budget}" if cfg.gpt2_token_budget else ""
     if cfg.dataset == "finewebedu":
         return root / f"finewebedu{budget}"
@@ -36,11 +39,23 @@ def prepare(cfg) -> Path:
         return out
     budget = cfg.gpt2_token_budget or None
     print(f"[gpt2] preparing token shards in {out} (one-time)", flush=True)
-    if cfg.dataset == "finewebedu":
+    if cfg.dataset == "text_char":
+        source = chars.fetch_text(resolve_path(cfg.gpt2_text_source), cfg.gpt2_text_url,
+                                  allowed=cfg.data_download)
+        chars.prepare_chars(source, out)
+    elif cfg.dataset == "finewebedu":
         tokens.prepare_fineweb(out, budget or 10**10, val_fraction=cfg.gpt2_val_fraction)
     else:
         tokens.prepare_text([resolve_path(cfg.gpt2_text_source)], out, cfg.gpt2_val_fraction, budget)
     return out
+
+
+def vocab_size(cfg) -> int:
+    """The model's vocabulary: the character set of a character-level corpus (preparing it
+    if needed), else GPT-2's BPE vocabulary padded to a multiple of 64."""
+    if cfg.dataset == "text_char":
+        return int(chars.read_meta(prepare(cfg))["vocab_size"])
+    return PADDED_VOCAB
 
 
 def held_out_halves(path: Path, block_size: int):
@@ -62,7 +77,8 @@ class GPT2Task:
 
             return load_hf(resolve_path(cfg.gpt2_init_from), block_size=cfg.gpt2_block_size,
                            dropout=cfg.gpt2_dropout)
-        return GPT(gpt_config(cfg.gpt2_size, block_size=cfg.gpt2_block_size, dropout=cfg.gpt2_dropout))
+        return GPT(gpt_config(cfg.gpt2_size, block_size=cfg.gpt2_block_size, dropout=cfg.gpt2_dropout,
+                              bias=cfg.gpt2_bias, vocab_size=vocab_size(cfg)))
 
     def build_data(self, cfg) -> Splits:
         block = cfg.gpt2_block_size
@@ -73,9 +89,12 @@ class GPT2Task:
             arr = held._tokens()
             mid = len(arr) // 2
             return Splits(train, tokens.TokenData(arr[:mid], block), tokens.TokenData(arr[mid:], block))
-        if cfg.dataset not in ("text", "finewebedu"):
-            raise ValueError(f"GPT-2 trains on text, finewebedu or synthetic, not {cfg.dataset!r}")
+        if cfg.dataset not in ("text", "text_char", "finewebedu"):
+            raise ValueError(f"GPT-2 trains on text, text_char, finewebedu or synthetic, not {cfg.dataset!r}")
         folder = prepare(cfg)
+        if cfg.dataset == "text_char":
+            dtype = chars.read_meta(folder)["dtype"]
+            return Splits(*(tokens.TokenData(folder / f"{s}.bin", block, dtype) for s in ("train", "val", "test")))
         val, test = held_out_halves(folder / "val.bin", block)
         return Splits(tokens.TokenData(folder / "train.bin", block), val, test)
 
@@ -117,7 +136,8 @@ def prepare_main(argv=None) -> int:
     try:
         cfg, _, _ = load(Path(args.config), dict(o.split("=", 1) for o in args.override))
         if cfg.model != "gpt2" or cfg.dataset == "synthetic":
-            print("prepare-data: nothing to prepare (the configured model is not GPT-2 on text or FineWeb-Edu)")
+            print("prepare-data: nothing to prepare (the configured model is not GPT-2 on text, "
+                  "characters or FineWeb-Edu)")
             return 0
         folder = prepare(cfg)
     except (ConfigError, tokens.DataPrepError, FileNotFoundError, ValueError) as exc:

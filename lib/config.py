@@ -65,7 +65,9 @@ FIELDS: tuple[Field, ...] = (
     Field("gpt2_block_size", "GPT2_BLOCK_SIZE", "int"),
     Field("gpt2_init_from", "GPT2_INIT_FROM", "str"),
     _float("gpt2_dropout", "GPT2_DROPOUT", 0.0, 1.0, hi_open=True),
+    Field("gpt2_bias", "GPT2_BIAS", "bool"),
     Field("gpt2_text_source", "GPT2_TEXT_SOURCE", "str"),
+    Field("gpt2_text_url", "GPT2_TEXT_URL", "str"),
     Field("gpt2_token_budget", "GPT2_TOKEN_BUDGET", "int"),
     _float("gpt2_val_fraction", "GPT2_VAL_FRACTION", 0.0, 0.5, lo_open=True),
     # training
@@ -133,6 +135,8 @@ FIELDS: tuple[Field, ...] = (
       for v in ("bitter0", "bitter1", "bitter2")),
     Field("matrix_seeds", "MATRIX_SEEDS", "int"),
     Field("matrix_seed_list", "MATRIX_SEED_LIST", "str"),
+    Field("matrix_sweep", "MATRIX_SWEEP", "str"),
+    Field("matrix_tuned_from", "MATRIX_TUNED_FROM", "str"),
     Field("matrix_jobs", "MATRIX_JOBS", "int"),
     # where the cells run (Kconfig.launcher)
     _choice("launcher", "LAUNCHER"),
@@ -393,6 +397,10 @@ def to_config(kconf: kconfiglib.Kconfig) -> "Config":
             problems.append(problem)
     if not problems:
         problems += _cross_checks(values)
+    if not problems and values["matrix"] and values["matrix_sweep"]:
+        from .sweep import problems as sweep_problems  # each swept value, checked like an override
+
+        problems += sweep_problems(kconf, Config(**values))
     if problems:
         raise ConfigError("; ".join(problems) + " (fix the value in the defconfig, with SET=, or in `make menuconfig`)")
     return Config(**values)

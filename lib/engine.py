@@ -23,6 +23,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import signals
 from .atomic import write_text_atomic
+from .costs import final_costs
 from .distributed import DistContext
 from .lr import lr_at
 from .memory import memory_report
@@ -555,7 +556,8 @@ class Trainer:
         final = {
             "status": status, "message": message, "task": self.task.name,
             "metric_name": self.task.metric_name, "higher_is_better": self.task.higher_is_better,
-            "best_val_metric": self.best.val_metric, "best_step": self.best.step,
+            "best_val_metric": self.best.val_metric, "best_val_loss": self.best.val_loss,
+            "best_step": self.best.step,
             "test_metric_at_best": self.best.test_metric, "final_sparsity": self.sparsity(),
             "target_sparsity": self.budget.schedule.target, "params_total": total,
             "params_prunable": prunable, "steps": self.step, "total_steps": self.total_steps,
@@ -565,6 +567,7 @@ class Trainer:
             "cuda_allocator_peak_bytes_by_phase": self.cuda_peaks or None,
             "sampled_memory": mem,
             "memory": memory_report(self.model, self.optimizer, self.pruner),
+            **final_costs(self),
             "config": {"model": self.cfg.model, "optimizer": self.cfg.optimizer,
                        "update_rule": self.cfg.update_rule, "pruning": self.cfg.pruning,
                        "seed": self.cfg.seed},
@@ -583,11 +586,15 @@ def print_summary(final: dict, path: Path) -> None:
     lines = [
         "",
         f"== {final['task']} run {final['status'].upper()} ==",
-        f"  best validation {name}: {fmt(final['best_val_metric'])} (step {final['best_step']})",
+        f"  best validation {name}: {fmt(final['best_val_metric'])} (step {final['best_step']}"
+        + (f", loss {final['best_val_loss']:.4f})" if final.get("best_val_loss") is not None else ")"),
         f"  test {name} at the best checkpoint: {fmt(final['test_metric_at_best'])}",
         f"  sparsity (measured from the weights): {100 * final['final_sparsity']:.2f}% "
         f"(target {100 * final['target_sparsity']:.1f}%)",
         f"  parameters: {final['params_total']:,} total, {final['params_prunable']:,} prunable",
+        *([f"  compression {final['compression_ratio']:.2f}x; forward FLOPs per example "
+           f"{final['flops_per_example']:,} dense, {final['flops_per_example_nonzero']:,} non-zero"]
+          if final.get("compression_ratio") else []),
         f"  steps: {final['steps']}/{final['total_steps']} in {final['wall_time_s']:.1f} s"
         + (f" ({1000 * final['step_time_s']:.1f} ms/step)" if final.get("step_time_s") else ""),
         f"  peak memory: {mem / 2**20:.1f} MiB" if mem else "  peak memory: n/a",

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from . import summary as S
+from . import summary_sections as sections
 from .atomic import write_file_atomic, write_text_atomic
 from .monitor import METRICS, read_timeline, sample_metrics
 from .rundir import read_json, read_jsonl
@@ -476,6 +477,13 @@ FIGURES: tuple[Callable[[ModelData], Drawn], ...] = (
 
 
 # ------------------------------------------------------------------ drawing
+def all_figures() -> tuple[Callable[[ModelData], Drawn], ...]:
+    """FIGURES and the MATRIX_SWEEP figure (graphs_sweep imports this module, hence here)."""
+    from .graphs_sweep import fig_sweep
+
+    return (*FIGURES, fig_sweep)
+
+
 def load_runs(records: list[dict]) -> list[dict]:
     """Records with their metrics rows and the path of a non-empty memory.jsonl (or None).
 
@@ -511,7 +519,7 @@ def draw_all(runs: list[dict]) -> tuple[list[tuple[str, Drawn]], list[tuple[str,
     drawn, skipped = [], []
     for model in dict.fromkeys(r["model"] for r in runs if r["model"]):
         data = model_data(model, runs)
-        for make in FIGURES:
+        for make in all_figures():
             try:
                 with mpl.rc_context(STYLE):
                     drawn.append((model, make(data)))
@@ -532,6 +540,7 @@ def render_report(name: str, records: list[dict], drawn: list[tuple[str, Drawn]]
     if best:
         lines += ["", "## Best method per model and sparsity (chosen on validation)", ""]
         lines += S.best_table(best)
+    lines += sections.significance_lines(rows) + sections.grid_lines(rows)
     lines += ["", "## Figures"]
     for model, d in drawn:
         lines += ["", f"### {model}: {d.title}", "", d.caption, "", f"![{d.title}]({d.name}.png)"]

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -42,6 +42,12 @@ class Cell:
     variant: Optional[str]
     seed: int
     overrides: tuple = field(default=())
+    sweep: tuple = field(default=())   # (symbol, value) pairs of the MATRIX_SWEEP axes
+    tuned: tuple = field(default=())   # (symbol, value) pairs taken from MATRIX_TUNED_FROM
+
+    def __post_init__(self):
+        for name in ("overrides", "sweep", "tuned"):  # JSON gives lists of lists
+            object.__setattr__(self, name, tuple(tuple(p) for p in getattr(self, name)))
 
 
 def _picked(pairs) -> list:
@@ -81,8 +87,32 @@ def _valid(optimizer: str, pruning: str) -> bool:
     return not (OPTIMIZERS[optimizer].prunes_itself and PRUNERS[pruning].prunes)
 
 
-def expand(cfg) -> list[Cell]:
-    """The valid cells of cfg's matrix, in a stable order."""
+def expand(cfg, tuning_table=None) -> list[Cell]:
+    """The valid cells of cfg's matrix, in a stable order: the selections' cells, each once
+    per combination of the MATRIX_SWEEP values, with the MATRIX_TUNED_FROM values applied
+    (``tuning_table``: the loaded table, False for none, None to load it)."""
+    from . import sweep, tuning
+    from .config import ConfigError
+
+    combos = sweep.combinations(sweep.parse(cfg.matrix_sweep))
+    loaded = tuning.load_table(cfg) if tuning_table is None else tuning_table
+    cells = []
+    for base in expand_base(cfg):
+        tuned = tuning.tuned_for(cfg, loaded[1], base.model, base.optimizer) if loaded else ()
+        for pairs in combos:
+            clash = {s for s, _ in pairs} & {s for s, _ in tuned}
+            if clash:
+                raise ConfigError(f"MATRIX_SWEEP and MATRIX_TUNED_FROM both set {', '.join(sorted(clash))}; "
+                                  "sweep it or take it from the grid, not both")
+            name = run_name(base.model, base.optimizer, base.pruning, base.sparsity, base.variant, base.seed,
+                            extra=sweep.id_part(pairs))
+            overrides = base.overrides[:-1] + tuned + pairs + base.overrides[-1:]
+            cells.append(replace(base, id=name, overrides=overrides, sweep=pairs, tuned=tuned))
+    return cells
+
+
+def expand_base(cfg) -> list[Cell]:
+    """The cells of the model x optimizer x method x sparsity x variant x seed selections."""
     a = matrix_axes(cfg)
     cells = []
     for model in a["models"]:
@@ -112,17 +142,29 @@ def is_matrix(cfg) -> bool:
 
 # ---------------------------------------------------------------- dry run
 def dry_run(config_path: Path, overrides: Sequence[tuple[str, str]]) -> int:
+    from . import tuning
+    from .config import ConfigError
+
     cfg, _, _ = load(config_path, dict(overrides))
-    cells = expand(cfg) if cfg.matrix else []
-    if not cells:
+    if not cfg.matrix:
         print("single run (CONFIG_MATRIX is off): `make` trains one model")
         return 0
+    pending = None
+    try:
+        table = tuning.load_table(cfg) or False
+    except ConfigError as e:   # the grid has not run (or not finished): list the cells anyway
+        table, pending = False, str(e).removeprefix("error: ")
+    cells = expand(cfg, table)
+    extra = any(c.sweep or c.tuned for c in cells)
     print(f"{'#':>4}  {'cell id':<48} {'model':<9} {'optimizer':<11} {'pruning':<10} {'sparsity':>8} "
-          f"{'variant':<8} {'seed':>4}")
+          f"{'variant':<8} {'seed':>4}" + ("  swept / tuned values" if extra else ""))
     for i, c in enumerate(cells, 1):
+        values = " ".join(f"{s}={v}" for s, v in c.sweep) + "".join(f" {s}={v} (tuned)" for s, v in c.tuned)
         print(f"{i:>4}  {c.id:<48} {c.model:<9} {c.optimizer:<11} {c.pruning:<10} {100 * c.sparsity:>7.0f}% "
-              f"{c.variant or '-':<8} {c.seed:>4}")
+              f"{c.variant or '-':<8} {c.seed:>4}" + (f"  {values.strip()}" if extra else ""))
     print(f"{len(cells)} cells")
+    if pending:
+        print(f"note: the tuned values are not known yet, so `make` would stop here: {pending}")
     return 0
 
 
@@ -139,6 +181,7 @@ def create(config_path: Path, overrides: Sequence[tuple[str, str]], results: Pat
     """Make the matrix directory with its fixed list of cells, and fix each cell's
     full resolved configuration in its config.json (pinned.py)."""
     from .rundir import new_run_path
+    from .tuning import record as tuning_record
 
     cfg, _, kconf = load(config_path, dict(overrides))
     cells = expand(cfg)
@@ -150,6 +193,7 @@ def create(config_path: Path, overrides: Sequence[tuple[str, str]], results: Pat
         write_text_atomic(path / "defconfig", minimal_text(base))
         meta = {"name": config_name(config_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "overrides": [list(p) for p in overrides], "jobs": cfg.matrix_jobs,
+                "tuning": tuning_record(cfg),
                 "cells": [dict(asdict(c), overrides=[list(p) for p in c.overrides]) for c in cells]}
         for c in cells:
             pairs = cell_pairs(meta, c)

@@ -120,13 +120,16 @@ class RunDir:
 
 
 def run_name(model: str, optimizer: str, pruning: str, sparsity: float, variant: Optional[str],
-             seed: int) -> str:
-    """model_optimizer_pruning[_sparsity][_variant]_sSEED: what a run is, readable."""
+             seed: int, extra: str = "") -> str:
+    """model_optimizer_pruning[_sparsity][_variant][_extra]_sSEED: what a run is, readable
+    (extra: the swept values of a matrix cell, e.g. opt_lr-0.001)."""
     parts = [model, optimizer, pruning]
     if pruning != "none":
         parts.append(f"{round(100 * sparsity)}")
     if variant:
         parts.append(variant)
+    if extra:
+        parts.append(extra)
     parts.append(f"s{seed}")
     return "_".join(parts)
 

@@ -24,8 +24,11 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
+from . import stats
+from . import summary_sections as sections
 from .atomic import write_text_atomic
 from .rundir import read_json
+from .sweep import label as sweep_label
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -37,7 +40,10 @@ COMPONENTS = ("parameters", "gradients", "optimizer_state", "pruning_buffers", "
 # What makes two runs the same configuration (seeds are what varies inside one). AdamWPrune's
 # base optimizer is not an axis of a matrix (it comes from .config), and a pending cell has no
 # config.json to read it from, so it is carried along but does not split configurations.
-CONFIG_KEY = ("model", "optimizer", "pruning", "target_sparsity", "variant")
+# "sweep" holds the (symbol, value) pairs of a cell's MATRIX_SWEEP axes (() without any).
+CONFIG_KEY = ("model", "optimizer", "pruning", "target_sparsity", "variant", "sweep")
+# What final.json says a trained model costs (adamwprune.costs), averaged over seeds.
+COST_KEYS = ("compression_ratio", "flops_per_example", "flops_per_example_nonzero", "params_prunable_nonzero")
 # Run directories live in a matrix directory beside these, which are not cells.
 NOT_CELLS = ("graphs",)
 
@@ -131,9 +137,15 @@ def read_record(run_dir, cell: Optional[dict] = None) -> dict:
         "steps": final.get("steps"), "total_steps": final.get("total_steps"),
         "step_time_s": final.get("step_time_s"), "wall_time_s": final.get("wall_time_s"),
         "params_total": final.get("params_total"), "weight_decay": cfg.get("weight_decay"),
+        "sweep": _pairs(cell.get("sweep")), "tuned": _pairs(cell.get("tuned")),
+        **{k: final.get(k) for k in COST_KEYS},
     }
     record.update(_memory(final))
     return record
+
+
+def _pairs(value) -> tuple:
+    return tuple(tuple(p) for p in value or ())
 
 
 def method_label(rec: dict) -> str:
@@ -142,7 +154,8 @@ def method_label(rec: dict) -> str:
     if rec.get("base"):
         opt = f"{opt}[{rec['base']}]"
     label = f"{opt} + {rec['pruning'] or '?'}"
-    return f"{label} ({rec['variant']})" if rec.get("variant") else label
+    label = f"{label} ({rec['variant']})" if rec.get("variant") else label
+    return f"{label} [{sweep_label(rec['sweep'])}]" if rec.get("sweep") else label
 
 
 # --------------------------------------------------------------- statistics
@@ -163,7 +176,7 @@ def _row(group: list[dict]) -> dict:
     first = group[0]
     done = [r for r in group if r["status"] == COMPLETED]
     named = next((r for r in group if r["metric_name"]), first)
-    row = {k: first[k] for k in CONFIG_KEY}
+    row = {k: first.get(k) for k in CONFIG_KEY}
     row["base"] = next((r["base"] for r in group if r["base"]), None)
     row.update(method=method_label(row), metric_name=named["metric_name"],
                higher_is_better=named["higher_is_better"], runs=len(group), n_seeds=len(done),
@@ -172,6 +185,12 @@ def _row(group: list[dict]) -> dict:
                seeds=[r["seed"] for r in done])
     row["val_mean"], row["val_std"] = mean_std(r["best_val_metric"] for r in done)
     row["test_mean"], row["test_std"] = mean_std(r["test_metric"] for r in done)
+    # the per-seed values, for Welch's t-test (adamwprune.stats)
+    row["val_values"] = [r["best_val_metric"] for r in done if r["best_val_metric"] is not None]
+    row["test_values"] = [r["test_metric"] for r in done if r["test_metric"] is not None]
+    row["tuned"] = next((r.get("tuned") for r in group if r.get("tuned")), ())
+    for k in COST_KEYS:
+        row[k] = _mean(r.get(k) for r in done)
     row["sparsity_mean"] = _mean(r["final_sparsity"] for r in done)
     row["peak_mib"] = _mean((r["peak_memory_bytes"] for r in done), MIB)
     row["mean_mib"] = _mean((r["mean_memory_bytes"] for r in done), MIB)
@@ -185,7 +204,7 @@ def _row(group: list[dict]) -> dict:
 
 
 def config_key(rec: dict) -> tuple:
-    return tuple(rec[k] for k in CONFIG_KEY)
+    return tuple(rec.get(k) for k in CONFIG_KEY)
 
 
 def group_records(records: Iterable[dict]) -> dict[tuple, list[dict]]:
@@ -245,8 +264,9 @@ def best_methods(rows: Iterable[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------- writing
-CSV_FIELDS = (*CONFIG_KEY, "base", "method", "metric_name", "higher_is_better", "runs", "n_seeds", "failed",
-              "unfinished", "val_mean", "val_std", "test_mean", "test_std", "sparsity_mean",
+CSV_FIELDS = (*CONFIG_KEY, "tuned", "base", "method", "metric_name", "higher_is_better", "runs", "n_seeds",
+              "failed", "unfinished", "val_mean", "val_std", "test_mean", "test_std", "sparsity_mean",
+              "best_on_val", "p_vs_best", "verdict_vs_best", "p_vs_dense", *COST_KEYS,
               "peak_mib", "mean_mib", "allocator_peak_mib", "memory_source",
               *(f"bpp_{c}" for c in COMPONENTS), "step_ms", "seeds")
 METRIC_UNITS = {"accuracy": "%", "perplexity": ""}
@@ -322,7 +342,7 @@ def _changes_note(changes: list[dict]) -> list[str]:
     return lines + [""] if lines else []
 
 
-def render_markdown(name: str, records: list[dict], rows: list[dict], changes: Optional[list] = None) -> str:
+def render_markdown(name: str, records: list[dict], rows: list[dict], meta: Optional[dict] = None) -> str:
     done = sum(r["status"] == COMPLETED for r in records)
     failed = sum(r["status"] in FAILED_STATUSES for r in records)
     lines = [f"# Summary of {name}", "",
@@ -333,7 +353,7 @@ def render_markdown(name: str, records: list[dict], rows: list[dict], changes: O
              "validation metric. Memory is the peak and mean sampled during training "
              f"({_sources(rows)}), in MiB (2^20 bytes); bytes/param per component are counted "
              "from the tensors at the end of the run.", ""]
-    lines += _changes_note(changes or [])
+    lines += _changes_note((meta or {}).get("config_changes") or [])
     if any(is_process_rss(r) for r in rows):
         lines += ["On CPU the sampled memory is the resident set of the whole process (Python, torch "
                   "and the data included): it does not measure a method's cost, and its differences "
@@ -345,6 +365,7 @@ def render_markdown(name: str, records: list[dict], rows: list[dict], changes: O
               "deviation of the two methods.", ""]
     best = best_methods(rows)
     lines += best_table(best) if best else ["No completed runs yet."]
+    lines += sections.extra_sections(rows, meta)
     notes = method_notes(records)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -379,7 +400,8 @@ def to_csv(rows: list[dict]) -> str:
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({**r, "seeds": " ".join(str(s) for s in r["seeds"])})
+        writer.writerow({**r, "seeds": " ".join(str(s) for s in r["seeds"]),
+                         "sweep": sweep_label(r.get("sweep") or ()), "tuned": sweep_label(r.get("tuned") or ())})
     return buf.getvalue()
 
 
@@ -388,10 +410,10 @@ def write_summary(matrix_dir) -> tuple[Path, Path]:
     path = Path(matrix_dir)
     records = collect(path)
     rows = summarize(records)
+    stats.annotate(rows)
     csv_path, md_path = path / "summary.csv", path / "summary.md"
     write_text_atomic(csv_path, to_csv(rows))
-    changes = (read_json(path / "matrix.json") or {}).get("config_changes")
-    write_text_atomic(md_path, render_markdown(path.name, records, rows, changes))
+    write_text_atomic(md_path, render_markdown(path.name, records, rows, read_json(path / "matrix.json")))
     return csv_path, md_path
 
 

@@ -100,6 +100,25 @@ COMMANDS = {
     "make bench": "times the optimizer steps for minutes; tests/test_bench.py runs it on small shapes",
     'make bench BENCH_ARGS="--shapes= --engine-steps=0,0"':
         "times sparse inference for minutes; tests/test_inference_bench.py runs it on small shapes",
+    "make defconfig DEFCONFIG=lenet5-lr-grid && make JOBS=2":
+        "trains the 40-cell grid (minutes); tests/test_sweep.py tunes from a small one",
+    ".venv/bin/python -m adamwprune.data.chars --source /tmp/x/input.txt --out /tmp/x/out \\":
+        "tries the network; tests/test_chars.py runs the offline refusal",
+    "make defconfig DEFCONFIG=gpt2-shakespeare-char CONFIG=/tmp/i14/full/.config": RUN,
+    'make CONFIG=/tmp/i14/full/.config SET="RUN_RESULTS_DIR=/tmp/i14/full/results RUN_THREADS=1"':
+        "trains the 2,000-step preset (about 2 min); tests/test_chars.py builds its data and model",
+    "git clone https://github.com/karpathy/nanoGPT /path/to/nanoGPT": "needs the internet",
+    ".venv/bin/python scripts/compare_nanogpt.py --nanogpt-dir /path/to/nanoGPT [--rounds 3] [--threads 1]":
+        "a synopsis over a nanoGPT checkout; tests/test_compare_nanogpt.py runs it on a stand-in",
+    "make bench NANOGPT_DIR=/path/to/nanoGPT": "needs a nanoGPT checkout and minutes of timing",
+    "make defconfig DEFCONFIG=lenet5-lr-grid SET='MATRIX_SWEEP=\"OPT_LR=0.1,fast\"'": RUN,
+    "make defconfig DEFCONFIG=lenet5-compare && make dry-run": RUN,
+    "make JOBS=2 && make summary": TRAINS,
+    "make defconfig DEFCONFIG=gpt2-char-bitter-lesson CONFIG=/tmp/i14/size2.config SET='MATRIX_TUNED_FROM=\"\" "
+    "MATRIX_OPTIMIZER_ADAMWSPAM=n MATRIX_PRUNING_MAGNITUDE=n MATRIX_SPARSITY_50=n MATRIX_VARIANT_BITTER0=n "
+    "MATRIX_VARIANT_BITTER1=n MATRIX_SEEDS=1'": RUN,
+    'time make CONFIG=/tmp/i14/size2.config JOBS=2 SET="RUN_RESULTS_DIR=/tmp/i14/size2"':
+        "times 3 GPT cells for minutes (the sizing measurement it reports)",
     "make dry-run EPOCHS=0": RUN,
     'make dry-run SET="OPT_MOMENTUM=0.8"': RUN,
     "make dry-run LR=abc": RUN,
@@ -147,7 +166,7 @@ COMMANDS = {
     'make CONFIG=/tmp/docs/m.config EPOCHS=3 JOBS=2 SET="RUN_RESULTS_DIR=/tmp/docs-results2"': TRAINS,
 }
 # Make-line variables the test adds so that nothing is written in the checkout.
-ISOLATED = ("status", "continue")
+ISOLATED = ("status", "continue", "dry-run")
 
 
 # ------------------------------------------------------------------ parsing

@@ -131,7 +131,16 @@ def test_gpt2_rejects_sequences_longer_than_block_size():
 def test_gpt_config_validation_and_presets():
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=100, n_head=3)
-    with pytest.raises(ValueError, match="valid presets: gpt2, gpt2-medium, small, mini, tiny"):
+    with pytest.raises(ValueError, match="valid presets: gpt2, gpt2-medium, small, mini, baby, tiny"):
         gpt_config("gpt3")
     assert gpt_config("gpt2", block_size=256).block_size == 256
     assert all(c.vocab_size == 50304 for c in GPT2_PRESETS.values())
+
+
+def test_gpt2_without_bias_drops_only_the_bias_tensors_and_keeps_every_name():
+    with_bias = dict(GPT(gpt_config("baby", vocab_size=65)).named_parameters())
+    without = dict(GPT(gpt_config("baby", vocab_size=65, bias=False)).named_parameters())
+    assert set(without) == {n for n in with_bias if not n.endswith(".bias")}
+    assert all(without[n].shape == with_bias[n].shape for n in without)
+    # nanoGPT's baby GPT (4 x 4 x 128, block 64, 65 characters, no biases): 804,096 parameters
+    assert sum(p.numel() for p in without.values()) == 804_096

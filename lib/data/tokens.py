@@ -244,14 +244,16 @@ class TokenData:
     windows are fixed and spread evenly over the shard.
     """
 
-    def __init__(self, source: Union[str, Path, np.ndarray], block_size: int):
+    def __init__(self, source: Union[str, Path, np.ndarray], block_size: int,
+                 dtype: Union[str, np.dtype] = np.uint16):
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
+        self.dtype = np.dtype(dtype)  # uint16 (BPE shards) or uint8 (small character vocabularies)
         self.path: Optional[Path] = None
         self._array: Optional[np.ndarray] = None
         if isinstance(source, np.ndarray):
-            self._array = source.astype(np.uint16, copy=False).reshape(-1)
+            self._array = source.astype(self.dtype, copy=False).reshape(-1)
             self.n_tokens = int(self._array.size)
         else:
             self.path = Path(source)
@@ -260,10 +262,10 @@ class TokenData:
                     f"token shard {self.path} not found; prepare it with python -m "
                     f"adamwprune.data.tokens --source PATH_OR_fineweb --out {self.path.parent}")
             size = self.path.stat().st_size
-            if size % 2:
+            if size % self.dtype.itemsize:
                 raise ValueError(f"{self.path} has an odd size ({size} bytes): "
-                                 "not a uint16 token shard")
-            self.n_tokens = size // 2
+                                 f"not a {self.dtype.name} token shard")
+            self.n_tokens = size // self.dtype.itemsize
         if self.n_tokens <= block_size:
             raise ValueError(f"{self.path or 'token array'} has {self.n_tokens} tokens, too few "
                              f"for one window of block_size {block_size} (+1 target)")
@@ -276,7 +278,7 @@ class TokenData:
             return self._array
         # A fresh memmap per batch, as nanoGPT: a long-lived one keeps every
         # page it ever touched mapped and the resident memory grows.
-        return np.memmap(self.path, dtype=np.uint16, mode="r")
+        return np.memmap(self.path, dtype=self.dtype, mode="r")
 
     def _windows(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = starts.numpy()[:, None] + np.arange(self.block_size + 1)

@@ -48,13 +48,15 @@ class GPTConfig:
 
 
 # Sizes by name. gpt2 / gpt2-medium are OpenAI's 124M / 350M models; the small
-# ones are for quick experiments (small is nanoGPT's shakespeare-char size) and
-# for CPU tests (tiny trains in seconds). A task may override block_size.
+# ones are for quick experiments (small is nanoGPT's shakespeare-char size, baby
+# the CPU variant of that recipe in its README) and for CPU tests (tiny trains in
+# seconds). A task may override block_size, vocab_size and bias.
 GPT2_PRESETS: dict[str, GPTConfig] = {
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
     "small": GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256),
     "mini": GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256),
+    "baby": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64),  # nanoGPT's CPU "baby GPT"
     "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64),
 }
 
