@@ -21,7 +21,7 @@ import time
 import torch
 
 from adamwprune.bench import RAMP_UPDATES, TARGET, shape_models
-from adamwprune.optim import adamwprune as awp
+from adamwprune.optim import adamwprune_cpu as awp_cpu
 from adamwprune.optim.adamwprune import AdamWPrune
 from adamwprune.params import param_groups
 
@@ -35,9 +35,9 @@ def main() -> int:
     parser.add_argument("--sample-scale", type=int, default=1)
     args = parser.parse_args()
     if args.sample_scale != 1:
-        low, high = awp.FUSED_SAMPLE_RUNS
-        awp.FUSED_SAMPLE_RUNS = (low * args.sample_scale, high * args.sample_scale)
-        awp.FUSED_SAMPLE_STRIDE = max(1, awp.FUSED_SAMPLE_STRIDE // args.sample_scale)
+        low, high = awp_cpu.FUSED_SAMPLE_RUNS
+        awp_cpu.FUSED_SAMPLE_RUNS = (low * args.sample_scale, high * args.sample_scale)
+        awp_cpu.FUSED_SAMPLE_STRIDE = max(1, awp_cpu.FUSED_SAMPLE_STRIDE // args.sample_scale)
     torch.manual_seed(0)
     model = shape_models()[args.shapes]()
     for p in model.parameters():

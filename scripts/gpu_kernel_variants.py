@@ -68,7 +68,7 @@ def host(fn, repeats: int) -> float:
 
 def update_breakdown(name: str, repeats: int = 20) -> None:
     """Where an update step's time goes (each phase between synchronisations)."""
-    from adamwprune.optim import adamwprune as awp
+    from adamwprune.optim import adamwprune_gpu as awp_gpu
 
     torch.manual_seed(0)
     model = shape_models()[name]().cuda()
@@ -88,10 +88,10 @@ def update_breakdown(name: str, repeats: int = 20) -> None:
             return out
         return wrapper
 
-    originals = (awp._gpu_bracket, awp._gpu_finish, gpu_kernels.launch_tiles,
+    originals = (awp_gpu._gpu_bracket, awp_gpu._gpu_finish, gpu_kernels.launch_tiles,
                  gpu_kernels.scatter_zero)
-    awp._gpu_bracket = timed("sample + bracket", awp._gpu_bracket)
-    awp._gpu_finish = timed("finish (sync, sort, apply, scatter)", awp._gpu_finish)
+    awp_gpu._gpu_bracket = timed("sample + bracket", awp_gpu._gpu_bracket)
+    awp_gpu._gpu_finish = timed("finish (sync, sort, apply, scatter)", awp_gpu._gpu_finish)
     launch = gpu_kernels.launch_tiles
     gpu_kernels.launch_tiles = lambda *a, **k: timed(f"launch mode {a[5]}", launch)(*a, **k)
     gpu_kernels.scatter_zero = timed("scatter", gpu_kernels.scatter_zero)
@@ -104,7 +104,7 @@ def update_breakdown(name: str, repeats: int = 20) -> None:
             opt.pruning_step = 50 * 70 + 1
             timed("normal step", opt.step)()
     finally:
-        (awp._gpu_bracket, awp._gpu_finish, gpu_kernels.launch_tiles,
+        (awp_gpu._gpu_bracket, awp_gpu._gpu_finish, gpu_kernels.launch_tiles,
          gpu_kernels.scatter_zero) = originals
     print(f"\n{name} update step breakdown (ms, median over updates 3-69; paths "
           f"{dict(opt.update_paths)}):")

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from adamwprune.optim import adamwprune as awp
+from adamwprune.optim import adamwprune_gpu as awp_gpu
 from adamwprune.optim import gpu_kernels
 
 SHAPES = [(48, 40), (40,), (90, 50), (7,)]  # 4,500: one full 4,096 tile + a partial one
@@ -128,18 +129,18 @@ def check_ties(device: str) -> None:
 def check_missed_bracket(device: str) -> None:
     """A bracket that misses the k-th score changes nothing; the stand-alone update
     and then the plain one finish exactly."""
-    original: Callable = awp._gpu_bracket
+    original: Callable = awp_gpu._gpu_bracket
 
     def wrong(plan, scal, step, variant, k):
         bounds, cap = original(plan, scal, step, variant, k)
         # far above the k-th key: every entry lies below the bracket
         return torch.full_like(bounds, gpu_kernels.KEY_MAX - 1) + torch.arange(2, device=bounds.device), cap
 
-    awp._gpu_bracket = wrong
+    awp_gpu._gpu_bracket = wrong
     try:
         _, oa = _run(device, 12, "missed bracket")
     finally:
-        awp._gpu_bracket = original
+        awp_gpu._gpu_bracket = original
     # the update at sparsity 0 needs no bracket; every other one missed twice
     assert oa.update_paths["gpu-fused"] <= 1 and oa.update_paths["gpu"] == 0, oa.update_paths
     assert oa.update_paths["plain"] + oa.update_paths["cpu"] >= 3, oa.update_paths
@@ -147,12 +148,12 @@ def check_missed_bracket(device: str) -> None:
 
 def check_small_candidate_buffer(device: str) -> None:
     """An overflowing candidate buffer is a miss, not a wrong answer."""
-    original: Callable = awp._gpu_bracket
-    awp._gpu_bracket = lambda *args: (original(*args)[0], 1)
+    original: Callable = awp_gpu._gpu_bracket
+    awp_gpu._gpu_bracket = lambda *args: (original(*args)[0], 1)
     try:
         _, oa = _run(device, 9, "candidate overflow")
     finally:
-        awp._gpu_bracket = original
+        awp_gpu._gpu_bracket = original
     assert oa.update_paths["gpu-fused"] <= 1, oa.update_paths
 
 

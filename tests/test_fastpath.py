@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from adamwprune.optim import adamwprune as awp
-from adamwprune.optim import cpu_kernels
+from adamwprune.optim import adamwprune_cpu, cpu_kernels
 from adamwprune.optim.adamwprune import AdamWPrune
 from adamwprune.params import param_groups
 from adamwprune.pruning import sparsity_at
@@ -152,7 +151,7 @@ def test_a_missed_bracket_restores_and_prunes_exactly(monkeypatch):
         key = cpu_kernels.NBINS  # far below every score: everything lands above it
         return 1, 1 + key, 4096, 4096
 
-    monkeypatch.setattr(awp, "_fused_bracket", wrong_bracket)
+    monkeypatch.setattr(adamwprune_cpu, "_fused_bracket", wrong_bracket)
     plain, fast = build(False), build(True)
     train(*plain, STEPS)
     train(*fast, STEPS)
@@ -161,7 +160,8 @@ def test_a_missed_bracket_restores_and_prunes_exactly(monkeypatch):
 
 
 def test_an_overflowing_undo_log_restores_and_prunes_exactly(monkeypatch):
-    original_bracket, original_step = awp._fused_bracket, cpu_kernels.Kernels.adam_step_prune
+    original_bracket = adamwprune_cpu._fused_bracket
+    original_step = cpu_kernels.Kernels.adam_step_prune
     overflows = []
 
     def tiny_undo(*args):
@@ -173,7 +173,7 @@ def test_an_overflowing_undo_log_restores_and_prunes_exactly(monkeypatch):
         overflows.append(stats[3])
         return stats
 
-    monkeypatch.setattr(awp, "_fused_bracket", tiny_undo)
+    monkeypatch.setattr(adamwprune_cpu, "_fused_bracket", tiny_undo)
     monkeypatch.setattr(cpu_kernels.Kernels, "adam_step_prune", step_prune)
     plain, fast = build(False), build(True)
     train(*plain, STEPS)
@@ -220,7 +220,7 @@ def test_a_hook_on_the_base_sends_the_step_through_the_plain_path():
 
 def test_auto_uses_the_fast_path_only_from_fast_min_numel(monkeypatch):
     assert build(None)[1]._kernels() is None
-    monkeypatch.setattr(awp, "FAST_MIN_NUMEL", 100)
+    monkeypatch.setattr(adamwprune_cpu, "FAST_MIN_NUMEL", 100)
     assert build(None)[1]._kernels() is not None
     assert build(False)[1]._kernels() is None
 
