@@ -645,4 +645,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m adamwprune.graphs` runs this file as __main__; the figure modules import
+    # adamwprune.graphs, so run that module's main, or its exception classes (NotApplicable,
+    # Skipped) would be two different classes and a figure that does not apply would crash.
+    from adamwprune.graphs import main as _main
+
+    sys.exit(_main())

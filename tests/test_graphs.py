@@ -195,3 +195,20 @@ def test_cpu_memory_is_labelled_process_rss_and_draws_no_pareto_frontier(drawn, 
     pngs = {p.stem for p in G.update_graphs(gpu, images_root=tmp_path / "images")}
     assert f"lenet5_metric_per_{G.PER_MIB}mib" in pngs
     assert "the dashed line joins" in (gpu / "graphs" / "report.md").read_text()
+
+
+def test_make_update_graphs_command_draws_a_matrix_without_sweeps(drawn, tmp_path):
+    """`python -m adamwprune.graphs DIR` (what `make update-graphs` runs), as a process:
+    run as __main__, the figures that do not apply (no MATRIX_SWEEP axes) are skipped,
+    not a crash of two NotApplicable classes."""
+    import subprocess
+    import sys
+
+    from adamwprune.config import ROOT
+
+    matrix = copy_matrix(drawn[0], tmp_path)
+    r = subprocess.run([sys.executable, "-m", "adamwprune.graphs", str(matrix),
+                        "--images-root", str(tmp_path / "images")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == str(matrix / "graphs" / "report.md")
+    assert not any((matrix / "graphs").glob("*sweep*"))
