@@ -63,9 +63,11 @@ def load_task(model: str, root: Path = ROOT):
 
 def cell_id(cfg) -> str:
     """The run's name, as the matrix names its cells."""
-    state = cfg.pruning == "state"
-    return run_name(cfg.model, cfg.optimizer, cfg.pruning, cfg.target_sparsity or 0.0,
-                    cfg.adamwprune_variant if state else None, cfg.seed)
+    from .registry import pattern_of, target_of
+
+    return run_name(cfg.model, cfg.optimizer, cfg.pruning, target_of(cfg) or 0.0,
+                    cfg.adamwprune_variant, cfg.seed, pattern=pattern_of(cfg),
+                    distribution=cfg.prune_distribution)
 
 
 # ----------------------------------------------------------------------- run

@@ -17,7 +17,15 @@ from typing import Any, Iterable, Mapping, Optional
 
 import kconfiglib
 
+from .registry import DISTRIBUTIONS, OPTIMIZERS, PATTERN_KINDS, PRUNERS
+
 ROOT = Path(__file__).resolve().parent.parent  # the checkout (Kconfig lives here)
+
+# The matrix axes whose values are registry names: one MATRIX_<AXIS>_<NAME> selection each.
+REGISTRY_AXES: dict[str, tuple[str, ...]] = {
+    "optimizer": tuple(OPTIMIZERS), "pruning": tuple(PRUNERS),
+    "pattern": tuple(PATTERN_KINDS), "distribution": tuple(sorted(DISTRIBUTIONS)),
+}
 
 
 class ConfigError(ValueError):
@@ -122,14 +130,22 @@ FIELDS: tuple[Field, ...] = (
     _float("ramp_end", "PRUNING_RAMP_END", 0.0, 1.0),
     Field("prune_interval", "PRUNING_INTERVAL", "int"),
     Field("prune_embeddings", "PRUNING_EMBEDDINGS", "bool"),
+    Field("prune_dynamic", "PRUNING_DYNAMIC", "bool"),  # promptless: registry's `dynamic`, tested
+    _choice("prune_pattern", "PRUNING_PATTERN"),
+    Field("nm_n", "PRUNING_NM_N", "int"),
+    Field("nm_m", "PRUNING_NM_M", "int"),
+    _choice("prune_distribution", "PRUNING_DISTRIBUTION"),
+    _float("drop_fraction", "PRUNING_DROP_FRACTION", 0.0, 1.0),
+    _float("regrow_end", "PRUNING_REGROW_END", 0.0, 1.0, lo_open=True),
+    _float("srste_decay", "SRSTE_DECAY", 0.0, 1e3),
     # test matrix
     Field("matrix", "MATRIX", "bool"),
     *(Field(f"matrix_model_{m}", f"MATRIX_MODEL_{m.upper()}", "bool")
       for m in ("lenet5", "resnet18", "resnet50", "gpt2")),
-    *(Field(f"matrix_optimizer_{o}", f"MATRIX_OPTIMIZER_{o.upper()}", "bool")
-      for o in ("sgd", "adam", "adamw", "adamwadv", "adamwspam", "adamwprune")),
-    *(Field(f"matrix_pruning_{p}", f"MATRIX_PRUNING_{p.upper()}", "bool")
-      for p in ("none", "magnitude", "movement", "state")),
+    # one selection per registry entry (adamwprune.registry: the one list of names),
+    # read by matrix.matrix_axes as matrix_<axis>_<name>
+    *(Field(f"matrix_{axis}_{name}", f"MATRIX_{axis.upper()}_{name.upper()}", "bool")
+      for axis, names in REGISTRY_AXES.items() for name in names),
     *(Field(f"matrix_sparsity_{s}", f"MATRIX_SPARSITY_{s}", "bool") for s in (50, 70, 90, 95, 99)),
     *(Field(f"matrix_variant_{v}", f"MATRIX_VARIANT_{v.upper()}", "bool")
       for v in ("bitter0", "bitter1", "bitter2")),

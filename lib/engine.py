@@ -23,6 +23,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import signals
 from .atomic import write_text_atomic
+from .config import ConfigError
 from .costs import final_costs
 from .distributed import DistContext
 from .lr import lr_at
@@ -30,7 +31,7 @@ from .memory import memory_report
 from .notes import ramp_warning
 from .optim.clipping import clip_grad_norm_
 from .params import param_groups, prunable_parameters
-from .registry import PruneSchedule, build_optimizer, build_pruner
+from .registry import PRUNERS, PruneSchedule, build_optimizer, build_pruner, pattern_of, target_of
 from . import segments
 from .rundir import RunDir, environment, read_json
 
@@ -119,13 +120,27 @@ class Budget:
     @classmethod
     def from_config(cls, cfg, steps_per_epoch: int) -> "Budget":
         base = cfg.max_iters if cfg.max_iters > 0 else cfg.epochs * steps_per_epoch
-        pruning = cfg.pruning != "none"
-        start = round((cfg.ramp_start or 0.0) * base) if pruning else 0
-        end = max(start, round((cfg.ramp_end or 0.0) * base)) if pruning else 0
+        info = PRUNERS[cfg.pruning]
+        if bool(cfg.prune_dynamic) != info.dynamic:  # Kconfig's PRUNING_DYNAMIC mirrors the registry
+            raise ConfigError(f"PRUNING={cfg.pruning}: Kconfig says PRUNING_DYNAMIC={'y' if cfg.prune_dynamic else 'n'}, "
+                              f"the registry says dynamic={info.dynamic}; make the two agree in Kconfig.pruning")
+        pattern = pattern_of(cfg)
+        if not info.prunes:
+            start = end = 0
+        elif info.dynamic:  # sparse from step 0, masks move until T_end
+            start, end = 0, max(1, round((cfg.regrow_end or 0.0) * base))
+        elif not info.ramps:  # SR-STE: the N:M mask of every forward
+            start = end = 0
+        else:
+            start = round((cfg.ramp_start or 0.0) * base)
+            end = max(start, round((cfg.ramp_end or 0.0) * base))
         sched = PruneSchedule(
-            target=cfg.target_sparsity if pruning else 0.0, start=start, end=end,
+            target=target_of(cfg), start=start, end=end,
             interval=cfg.prune_interval or 1, schedule=cfg.prune_schedule or "cubic",
-            scope=cfg.prune_scope or "global", prune_embeddings=bool(cfg.prune_embeddings))
+            scope=cfg.prune_scope or "global", prune_embeddings=bool(cfg.prune_embeddings),
+            pattern=pattern, distribution=cfg.prune_distribution or "erk",
+            drop_fraction=0.3 if cfg.drop_fraction is None else cfg.drop_fraction,
+            srste_decay=2e-4 if cfg.srste_decay is None else cfg.srste_decay, seed=cfg.seed)
         return cls(steps_per_epoch, base, sched)
 
 
@@ -372,6 +387,16 @@ class Trainer:
     def evaluate(self, split) -> tuple[float, float]:
         return self.task.finish_eval(self.eval_sums(split))
 
+    def _pattern_record(self) -> dict:
+        """What final.json says about the mask's shape: the pattern ("unstructured" or
+        "N:M"), the layer distribution of dynamic sparse training, and the prunable
+        tensors an N:M pattern left dense (their reduction dimension M does not divide)."""
+        sched, info = self.budget.schedule, PRUNERS[self.cfg.pruning]
+        dense = getattr(self.pruner, "dense_tensors", None)
+        return {"pattern": sched.pattern if info.prunes else None,
+                "distribution": sched.distribution if info.dynamic else None,
+                "dense_tensors": dense() if dense is not None and info.prunes else []}
+
     def sparsity(self) -> float:
         return float(self.pruner.current_sparsity())
 
@@ -559,7 +584,8 @@ class Trainer:
             "best_val_metric": self.best.val_metric, "best_val_loss": self.best.val_loss,
             "best_step": self.best.step,
             "test_metric_at_best": self.best.test_metric, "final_sparsity": self.sparsity(),
-            "target_sparsity": self.budget.schedule.target, "params_total": total,
+            "target_sparsity": self.budget.schedule.target, **self._pattern_record(),
+            "params_total": total,
             "params_prunable": prunable, "steps": self.step, "total_steps": self.total_steps,
             # Totals over every segment of a resumed run (segments.py); this one's alone in `segments`.
             **run_totals,

@@ -13,10 +13,19 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .pruning.patterns import DISTRIBUTIONS as _DISTRIBUTIONS
+
+
+# Pattern kinds of a matrix axis: "nm" stands for the N:M of PRUNING_NM_N/M.
+PATTERN_KINDS = ("unstructured", "nm")
+DISTRIBUTIONS = _DISTRIBUTIONS  # layer densities of dynamic sparse training
+
 
 @dataclass(frozen=True)
 class PruneSchedule:
-    """The one sparsity schedule every method of a comparison shares (in steps)."""
+    """The one sparsity schedule every method of a comparison shares (in steps), and
+    the pattern of the mask. Dynamic sparse training (RigL, SET, AdamWPrune regrowing)
+    is sparse from step 0 and updates masks from ``start`` (0) to ``end`` (T_end)."""
 
     target: float = 0.0
     start: int = 0
@@ -25,6 +34,11 @@ class PruneSchedule:
     schedule: str = "cubic"
     scope: str = "global"
     prune_embeddings: bool = False
+    pattern: str = "unstructured"     # or "N:M"
+    distribution: str = "erk"         # dynamic sparse training's layer densities
+    drop_fraction: float = 0.3        # dynamic sparse training's alpha
+    srste_decay: float = 2e-4         # SR-STE's lambda_w
+    seed: int = 0                     # the random masks of dynamic sparse training
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,16 @@ class PrunerInfo:
     requires_optimizer: Optional[tuple[str, ...]] = None
     # False for the null pruner (dense training).
     prunes: bool = True
+    # The pattern kinds (PATTERN_KINDS) its masks can take; () for dense training.
+    patterns: tuple[str, ...] = ("unstructured",)
+    # Dynamic sparse training: sparse from step 0, masks change at constant sparsity,
+    # layer densities from a distribution (PruneSchedule.distribution).
+    dynamic: bool = False
+    # Ranks by AdamWPrune's importance score: its cells are split by variant.
+    uses_variant: bool = False
+    # Follows the shared sparsity ramp (PRUNING_RAMP_START/END); SR-STE applies its
+    # N:M mask from the first forward instead.
+    ramps: bool = True
 
 
 def _fast(groups: list) -> dict:
@@ -120,7 +144,16 @@ def _adamwprune(groups, cfg, schedule: PruneSchedule):
                       target_sparsity=schedule.target, start_step=schedule.start,
                       end_step=schedule.end, interval=schedule.interval,
                       schedule=schedule.schedule, scope=schedule.scope,
+                      pattern=schedule.pattern, **_regrow_kwargs(cfg, schedule),
                       **_adam_kwargs(cfg), **base_kwargs)
+
+
+def _regrow_kwargs(cfg, schedule: PruneSchedule) -> dict:
+    """AdamWPrune as a dynamic sparse trainer when the run's pruning method is."""
+    if not (cfg.pruning and PRUNERS[cfg.pruning].dynamic):
+        return {}
+    return dict(regrow="gradient", drop_fraction=schedule.drop_fraction,
+                distribution=schedule.distribution, seed=schedule.seed)
 
 
 OPTIMIZERS: dict[str, OptimInfo] = {
@@ -140,34 +173,85 @@ def _none(model, optimizer, schedule):
     return NoPruner(model, optimizer=optimizer)
 
 
-def _magnitude(model, optimizer, s: PruneSchedule):
-    from .pruning import MagnitudePruner
+def _ranking(cls_name: str):
+    """A pruner that ranks entries on the shared ramp, with the run's pattern."""
+    def build(model, optimizer, s: PruneSchedule):
+        from . import pruning
 
-    return MagnitudePruner(model, s.target, s.start, s.end, s.interval, schedule=s.schedule,
-                           scope=s.scope, prune_embeddings=s.prune_embeddings, optimizer=optimizer)
-
-
-def _movement(model, optimizer, s: PruneSchedule):
-    from .pruning import MovementPruner
-
-    return MovementPruner(model, s.target, s.start, s.end, s.interval, schedule=s.schedule,
-                          scope=s.scope, prune_embeddings=s.prune_embeddings, optimizer=optimizer)
+        return getattr(pruning, cls_name)(model, s.target, s.start, s.end, s.interval,
+                                          schedule=s.schedule, scope=s.scope,
+                                          prune_embeddings=s.prune_embeddings,
+                                          optimizer=optimizer, pattern=s.pattern)
+    return build
 
 
 def _state(model, optimizer, s: PruneSchedule):
     from .pruning import StatePruner
 
     return StatePruner(model, s.target, s.start, s.end, s.interval, schedule=s.schedule,
-                       scope=s.scope, prune_embeddings=s.prune_embeddings, optimizer=optimizer)
+                       scope=s.scope, prune_embeddings=s.prune_embeddings, optimizer=optimizer,
+                       pattern=s.pattern)
 
 
+def _dynamic(cls_name: str):
+    def build(model, optimizer, s: PruneSchedule):
+        from .pruning import dst
+
+        return getattr(dst, cls_name)(model, s.target, s.start, s.end, s.interval,
+                                      prune_embeddings=s.prune_embeddings, optimizer=optimizer,
+                                      drop_fraction=s.drop_fraction, distribution=s.distribution,
+                                      seed=s.seed)
+    return build
+
+
+def _srste(model, optimizer, s: PruneSchedule):
+    from .pruning.srste import SRSTEPruner
+
+    return SRSTEPruner(model, s.target, s.start, None, 1, prune_embeddings=s.prune_embeddings,
+                       optimizer=optimizer, pattern=s.pattern, decay=s.srste_decay)
+
+
+_RANKS = ("unstructured", "nm")
 PRUNERS: dict[str, PrunerInfo] = {
-    "none": PrunerInfo("none", _none, "dense training", prunes=False),
-    "magnitude": PrunerInfo("magnitude", _magnitude, "|w|, monotone masks"),
-    "movement": PrunerInfo("movement", _movement, "Sanh et al. hard movement, scores in fp32"),
+    "none": PrunerInfo("none", _none, "dense training", prunes=False, patterns=()),
+    "magnitude": PrunerInfo("magnitude", _ranking("MagnitudePruner"), "|w|, monotone masks",
+                            patterns=_RANKS),
+    "movement": PrunerInfo("movement", _ranking("MovementPruner"),
+                           "Sanh et al. hard movement, scores in fp32", patterns=_RANKS),
     "state": PrunerInfo("state", _state, "AdamWPrune prunes from its own state",
-                        optimizer_prunes=True, requires_optimizer=("adamwprune",)),
+                        optimizer_prunes=True, requires_optimizer=("adamwprune",), patterns=_RANKS,
+                        uses_variant=True),
+    "state_regrow": PrunerInfo("state_regrow", _state, "AdamWPrune drops by its score, regrows by |g|",
+                               optimizer_prunes=True, requires_optimizer=("adamwprune",),
+                               dynamic=True, uses_variant=True),
+    "srste": PrunerInfo("srste", _srste, "SR-STE: N:M from scratch (Zhou et al. 2021)",
+                        patterns=("nm",), ramps=False),
+    "rigl": PrunerInfo("rigl", _dynamic("RigLPruner"), "RigL: drop |w|, grow |g| (Evci et al. 2020)",
+                       dynamic=True),
+    "set": PrunerInfo("set", _dynamic("SETPruner"), "SET: drop |w|, grow at random (Mocanu et al. 2018)",
+                      dynamic=True),
 }
+
+
+def pattern_of(cfg) -> str:
+    """The run's mask pattern: "unstructured" or "N:M" (PRUNING_PATTERN, PRUNING_NM_N/M)."""
+    if cfg.prune_pattern == "nm":
+        return f"{cfg.nm_n}:{cfg.nm_m}"
+    return "unstructured"
+
+
+def target_of(cfg) -> float:
+    """The run's target sparsity: PRUNING_TARGET_SPARSITY, or 1 - N/M for an N:M pattern."""
+    if not PRUNERS[cfg.pruning].prunes:
+        return 0.0
+    if cfg.prune_pattern == "nm":
+        if not 0 < cfg.nm_n < cfg.nm_m:
+            from .config import ConfigError
+
+            raise ConfigError(f"PRUNING_NM_N={cfg.nm_n}, PRUNING_NM_M={cfg.nm_m}: N:M keeps N of every M "
+                              "entries, so 0 < N < M (2:4 is the GPU pattern)")
+        return 1.0 - cfg.nm_n / cfg.nm_m
+    return cfg.target_sparsity
 
 
 def _lookup(table: dict, name: str, what: str):

@@ -120,13 +120,24 @@ class RunDir:
 
 
 def run_name(model: str, optimizer: str, pruning: str, sparsity: float, variant: Optional[str],
-             seed: int, extra: str = "") -> str:
-    """model_optimizer_pruning[_sparsity][_variant][_extra]_sSEED: what a run is, readable
-    (extra: the swept values of a matrix cell, e.g. opt_lr-0.001)."""
+             seed: int, extra: str = "", pattern: str = "unstructured",
+             distribution: Optional[str] = None) -> str:
+    """model_optimizer_pruning[_sparsity][_pattern][_distribution][_variant][_extra]_sSEED:
+    what a run is, readable (extra: the swept values of a matrix cell, e.g. opt_lr-0.001).
+    Which parts a method has comes from its registry record: a sparsity when it prunes,
+    an N:M pattern (nm2-4) when not unstructured, the layer distribution when it is
+    dynamic sparse training, AdamWPrune's variant when it ranks by that score."""
+    from .registry import PRUNERS
+
+    info = PRUNERS.get(pruning)
     parts = [model, optimizer, pruning]
-    if pruning != "none":
+    if info is None or info.prunes:
         parts.append(f"{round(100 * sparsity)}")
-    if variant:
+    if pattern and pattern != "unstructured":
+        parts.append("nm" + pattern.replace(":", "-"))
+    if distribution and info is not None and info.dynamic:
+        parts.append(distribution)
+    if variant and (info is None or info.uses_variant):
         parts.append(variant)
     if extra:
         parts.append(extra)

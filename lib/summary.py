@@ -41,7 +41,7 @@ COMPONENTS = ("parameters", "gradients", "optimizer_state", "pruning_buffers", "
 # base optimizer is not an axis of a matrix (it comes from .config), and a pending cell has no
 # config.json to read it from, so it is carried along but does not split configurations.
 # "sweep" holds the (symbol, value) pairs of a cell's MATRIX_SWEEP axes (() without any).
-CONFIG_KEY = ("model", "optimizer", "pruning", "target_sparsity", "variant", "sweep")
+CONFIG_KEY = ("model", "optimizer", "pruning", "target_sparsity", "pattern", "distribution", "variant", "sweep")
 # What final.json says a trained model costs (adamwprune.costs), averaged over seeds.
 COST_KEYS = ("compression_ratio", "flops_per_example", "flops_per_example_nonzero", "params_prunable_nonzero")
 # Run directories live in a matrix directory beside these, which are not cells.
@@ -77,11 +77,36 @@ def collect(matrix_dir) -> list[dict]:
     return [read_record(run, cell) for run, cell in _cells(path)]
 
 
+def _info(pruning: Optional[str]):
+    from .registry import PRUNERS
+
+    return PRUNERS.get(pruning or "")
+
+
 def _variant(optimizer: Optional[str], pruning: Optional[str], cfg: dict) -> Optional[str]:
-    # As in cli.cell_id: the importance score only means something for state pruning.
-    if optimizer == "adamwprune" and pruning == "state":
-        return cfg.get("adamwprune_variant")
-    return None
+    # As in cli.cell_id: the importance score only means something where a method ranks by it.
+    info = _info(pruning)
+    return cfg.get("adamwprune_variant") if info is not None and info.uses_variant else None
+
+
+def _pattern(pruning: Optional[str], cell: dict, final: dict, cfg: dict) -> Optional[str]:
+    """"unstructured" or "N:M" for a pruning run; None for dense training."""
+    info = _info(pruning)
+    if info is not None and not info.prunes:
+        return None
+    for value in (cell.get("pattern"), final.get("pattern")):
+        if value:
+            return value
+    if cfg.get("prune_pattern") == "nm":
+        return f"{cfg.get('nm_n')}:{cfg.get('nm_m')}"
+    return "unstructured"
+
+
+def _distribution(pruning: Optional[str], cell: dict, final: dict, cfg: dict) -> Optional[str]:
+    info = _info(pruning)
+    if info is None or not info.dynamic:
+        return None
+    return cell.get("distribution") or final.get("distribution") or cfg.get("prune_distribution")
 
 
 def _target(pruning: Optional[str], cell: dict, final: dict, cfg: dict) -> float:
@@ -127,6 +152,9 @@ def read_record(run_dir, cell: Optional[dict] = None) -> dict:
         "base": cfg.get("adamwprune_base") if optimizer == "adamwprune" else None,
         "pruning": pruning, "target_sparsity": _target(pruning, cell, final, cfg),
         "variant": variant, "seed": pick("seed"),
+        "pattern": _pattern(pruning, cell, final, cfg),
+        "distribution": _distribution(pruning, cell, final, cfg),
+        "dense_tensors": final.get("dense_tensors") or [],
         "status": final.get("status") or state.get("status") or PENDING,
         "exit_code": state.get("exit_code"),
         "message": final.get("message") or _last_line(state.get("log_tail")),
@@ -154,6 +182,10 @@ def method_label(rec: dict) -> str:
     if rec.get("base"):
         opt = f"{opt}[{rec['base']}]"
     label = f"{opt} + {rec['pruning'] or '?'}"
+    if rec.get("pattern") and rec["pattern"] != "unstructured":
+        label = f"{label} {rec['pattern']}"
+    if rec.get("distribution"):
+        label = f"{label} {rec['distribution']}"
     label = f"{label} ({rec['variant']})" if rec.get("variant") else label
     return f"{label} [{sweep_label(rec['sweep'])}]" if rec.get("sweep") else label
 

@@ -116,8 +116,45 @@ def test_every_kconfig_symbol_is_read_by_code():
                 if s.name not in C.FIELD_BY_SYMBOL and s.name not in choice_members]
     assert not unmapped, f"Kconfig symbols with no Config field: {unmapped}"
     code = _code_text()
-    unread = [f.name for f in C.FIELDS if not re.search(rf"\.{f.name}\b", code)]
+    generated = {f"matrix_{axis}_{n}" for axis, names in C.REGISTRY_AXES.items() for n in names}
+    unread = [f.name for f in C.FIELDS if f.name not in generated and not re.search(rf"\.{f.name}\b", code)]
     assert not unread, f"Config fields read by no code: {unread}"
+    # the registry-generated selections are read by one getattr over REGISTRY_AXES
+    assert 'getattr(cfg, f"matrix_{axis}_{n}")' in (ROOT / "lib" / "matrix.py").read_text()
+
+
+def _choice_members(kconf, choice: str) -> list[str]:
+    return [s.name for s in kconf.named_choices[choice].syms]
+
+
+def test_kconfig_names_are_the_registry_names():
+    """Kconfig's menus and the registries name the same optimizers, pruning methods,
+    patterns and distributions, both ways: a registry entry with no Kconfig symbol (or
+    the reverse) fails here, not at a user's `make`."""
+    from adamwprune.registry import DISTRIBUTIONS, OPTIMIZERS, PATTERN_KINDS, PRUNERS
+
+    kconf = C.load_kconfig()
+    assert _choice_members(kconf, "OPTIMIZER") == [f"OPTIMIZER_{o.upper()}" for o in OPTIMIZERS]
+    assert _choice_members(kconf, "PRUNING") == [f"PRUNING_{p.upper()}" for p in PRUNERS]
+    assert _choice_members(kconf, "PRUNING_PATTERN") == [f"PRUNING_PATTERN_{p.upper()}" for p in PATTERN_KINDS]
+    assert sorted(_choice_members(kconf, "PRUNING_DISTRIBUTION")) == sorted(
+        f"PRUNING_DISTRIBUTION_{d.upper()}" for d in DISTRIBUTIONS)
+    matrix = {s.name for s in kconf.unique_defined_syms if s.name.startswith("MATRIX_")}
+    for axis, names in C.REGISTRY_AXES.items():
+        prefix = f"MATRIX_{axis.upper()}_"
+        in_kconfig = {s[len(prefix):].lower() for s in matrix if s.startswith(prefix)}
+        assert in_kconfig == set(names), (axis, in_kconfig ^ set(names))
+
+
+def test_pruning_dynamic_mirrors_the_registry():
+    """PRUNING_DYNAMIC (promptless, drives which options apply) is the registry's
+    `dynamic` for every method; the engine refuses a configuration where they differ."""
+    from adamwprune.registry import PRUNERS
+
+    for name, info in PRUNERS.items():
+        opt = "adamwprune" if info.requires_optimizer else "adamw"
+        cfg, _, _ = C.load(None, {"OPTIMIZER": opt, "PRUNING": name})
+        assert bool(cfg.prune_dynamic) == info.dynamic, name
 
 
 def test_defconfig_and_savedefconfig_round_trip(tmp_path):
