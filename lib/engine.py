@@ -559,12 +559,17 @@ class Trainer:
             return
         total, prunable = self.param_counts()
         s = self.budget.schedule
+        info = PRUNERS[self.cfg.pruning]
+        shape = (f", {s.pattern}" if info.prunes and s.pattern != "unstructured" else "") + \
+            (f", {s.distribution} layer densities" if info.dynamic else "")
+        steps = ("masks updated" if info.dynamic else "ramp steps") if info.ramps else "mask at every forward from step"
+        when = f"{steps} {s.start}-{s.end}, every {s.interval}" if info.ramps else f"{steps} {s.start}"
         print(f"[adamwprune] {self.task.name}: {total:,} parameters ({prunable:,} prunable) | "
-              f"{self.cfg.optimizer} + {self.cfg.pruning} pruning to {100 * s.target:.1f}% "
-              f"(ramp steps {s.start}-{s.end}, every {s.interval}) | {self.total_steps} steps on "
+              f"{self.cfg.optimizer} + {self.cfg.pruning} pruning to {100 * s.target:.1f}%{shape} "
+              f"({when}) | {self.total_steps} steps on "
               f"{self.device} x{self.dist.world_size} | run dir {self.run.path}"
               + (f" | resumed at step {self.step}" if resumed else ""), flush=True)
-        warning = ramp_warning(s)
+        warning = ramp_warning(s, info.dynamic, info.ramps)
         if warning:
             print(f"[adamwprune] {warning}", flush=True)
 
@@ -604,6 +609,14 @@ class Trainer:
         return final
 
 
+
+def _shape_note(final: dict) -> str:
+    """What the target means for an N:M run: 1 - N/M of the tensors the pattern fits."""
+    dense = final.get("dense_tensors") or []
+    if final.get("pattern") in (None, "unstructured"):
+        return ""
+    return f" = {final['pattern']}" + (f"; left dense, M does not divide: {', '.join(dense)}" if dense else "")
+
 def print_summary(final: dict, path: Path) -> None:
     """The one-screen end-of-run summary."""
     name = final["metric_name"]
@@ -616,7 +629,7 @@ def print_summary(final: dict, path: Path) -> None:
         + (f", loss {final['best_val_loss']:.4f})" if final.get("best_val_loss") is not None else ")"),
         f"  test {name} at the best checkpoint: {fmt(final['test_metric_at_best'])}",
         f"  sparsity (measured from the weights): {100 * final['final_sparsity']:.2f}% "
-        f"(target {100 * final['target_sparsity']:.1f}%)",
+        f"(target {100 * final['target_sparsity']:.1f}%{_shape_note(final)})",
         f"  parameters: {final['params_total']:,} total, {final['params_prunable']:,} prunable",
         *([f"  compression {final['compression_ratio']:.2f}x; forward FLOPs per example "
            f"{final['flops_per_example']:,} dense, {final['flops_per_example_nonzero']:,} non-zero"]

@@ -186,11 +186,12 @@ def dry_run(config_path: Path, overrides: Sequence[tuple[str, str]]) -> int:
         table, pending = False, str(e).removeprefix("error: ")
     cells = expand(cfg, table)
     extra = any(c.sweep or c.tuned for c in cells)
-    print(f"{'#':>4}  {'cell id':<48} {'model':<9} {'optimizer':<11} {'pruning':<10} {'sparsity':>8} "
+    w = max([10] + [len(c.pruning) + 1 for c in cells])  # state_regrow
+    print(f"{'#':>4}  {'cell id':<48} {'model':<9} {'optimizer':<11} {'pruning':<{w}} {'sparsity':>8} "
           f"{'variant':<8} {'seed':>4}" + ("  swept / tuned values" if extra else ""))
     for i, c in enumerate(cells, 1):
         values = " ".join(f"{s}={v}" for s, v in c.sweep) + "".join(f" {s}={v} (tuned)" for s, v in c.tuned)
-        print(f"{i:>4}  {c.id:<48} {c.model:<9} {c.optimizer:<11} {c.pruning:<10} {100 * c.sparsity:>7.0f}% "
+        print(f"{i:>4}  {c.id:<48} {c.model:<9} {c.optimizer:<11} {c.pruning:<{w}} {100 * c.sparsity:>7.0f}% "
               f"{c.variant or '-':<8} {c.seed:>4}" + (f"  {values.strip()}" if extra else ""))
     print(f"{len(cells)} cells")
     if pending:

@@ -54,9 +54,19 @@ def mask_updates(schedule) -> int:
                and sparsity_at(t, schedule.target, schedule.start, schedule.end, schedule.schedule) > 0)
 
 
-def ramp_warning(schedule) -> Optional[str]:
-    """A warning when the ramp holds at most one mask update, else None."""
-    if schedule.target <= 0 or mask_updates(schedule) > 1:
+def ramp_warning(schedule, dynamic: bool = False, ramps: bool = True) -> Optional[str]:
+    """A warning when the ramp holds at most one mask update, else None. Dynamic sparse
+    training is at its target from step 0: warned when its masks would never move;
+    a method without a ramp (SR-STE) is never warned."""
+    if schedule.target <= 0 or not ramps:
+        return None
+    if dynamic:  # dst.DynamicSparsePruner._is_update: 0 < t < end on the schedule's update steps
+        if any(is_update_step(t, schedule.start, schedule.end, schedule.interval)
+               for t in range(1, schedule.end)):
+            return None
+        return (f"warning: no mask update before step {schedule.end} (every {schedule.interval}): the masks stay "
+                "as drawn at step 0; train longer, lower PRUNING_INTERVAL or raise PRUNING_REGROW_END")
+    if mask_updates(schedule) > 1:
         return None
     return (f"warning: the pruning ramp (steps {schedule.start}-{schedule.end}, every {schedule.interval}) holds "
             f"one mask update: sparsity jumps to {100 * schedule.target:.0f}% at once; train longer "

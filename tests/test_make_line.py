@@ -118,3 +118,14 @@ def test_a_gpt2_run_that_cannot_load_its_tokenizer_offline_is_one_line(tmp_path,
     assert CLI.main(["run", "--config", str(_gpt2_config(tmp_path)), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "probably offline" in err
+
+
+def test_dynamic_sparse_training_is_warned_only_when_its_masks_never_move():
+    from adamwprune import notes
+    from adamwprune.registry import PruneSchedule
+
+    moving = PruneSchedule(target=0.9, start=0, end=46, interval=20)
+    frozen = PruneSchedule(target=0.9, start=0, end=46, interval=50)
+    assert notes.ramp_warning(moving, dynamic=True) is None
+    assert "masks stay as drawn" in notes.ramp_warning(frozen, dynamic=True)
+    assert notes.ramp_warning(frozen, ramps=False) is None  # SR-STE: a mask at every forward
