@@ -251,14 +251,20 @@ def _hyper(cfg):
     return {k: getattr(cfg, k) for k in HYPER}
 
 
+# The pruner each side of the pair uses for the same kind of pruning.
+_AS_ADAMWPRUNE = {"rigl": "state_regrow", "set": "state_regrow"}
+_AS_BASE = {"state_regrow": "rigl"}
+
+
 def _counterpart(pairs: dict, cfg) -> dict:
     """The same run with the other side of the pair: B alone <-> AdamWPrune over B."""
     pairs = {k: v for k, v in pairs.items() if k not in ("OPTIMIZER", "ADAMWPRUNE_BASE",
                                                          "ADAMWPRUNE_VARIANT", "PRUNING")}
     if cfg.optimizer == "adamwprune":
-        return {**pairs, "OPTIMIZER": cfg.adamwprune_base, "PRUNING": "magnitude"}
+        return {**pairs, "OPTIMIZER": cfg.adamwprune_base,
+                "PRUNING": _AS_BASE.get(cfg.pruning, "magnitude")}
     return {**pairs, "OPTIMIZER": "adamwprune", "ADAMWPRUNE_BASE": cfg.optimizer,
-            "PRUNING": "state"}
+            "PRUNING": _AS_ADAMWPRUNE.get(cfg.pruning, "state")}
 
 
 def _runs_of(path):
