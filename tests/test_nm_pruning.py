@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from adamwprune import MagnitudePruner, MovementPruner, param_groups
+from adamwprune import AdamWPrune, MagnitudePruner, MovementPruner, param_groups
 from adamwprune.pruning.patterns import erk_densities
 from adamwprune.pruning.schedule import sparsity_at
 from adamwprune.pruning.srste import SRSTEPruner
@@ -33,7 +33,8 @@ def _train(model, opt, pruner, steps, check=None):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        pruner.step()
+        if pruner is not None:
+            pruner.step()
         if check:
             check(t + 1)
 
@@ -71,6 +72,20 @@ def test_nm_needs_the_patterns_own_sparsity():
         MagnitudePruner(Net(), 0.7, 0, 10, 1, pattern="2:4")
     with pytest.raises(ValueError, match="ERK scope"):
         MagnitudePruner(Net(), 0.5, 0, 10, 1, scope="erk", pattern="2:4")
+    # 0 with a pattern would prune nothing, silently: refused
+    with pytest.raises(ValueError, match="prunes nothing"):
+        MagnitudePruner(Net(), 0.0, 0, 10, 1, pattern="2:4")
+    with pytest.raises(ValueError, match="prunes nothing"):
+        AdamWPrune(param_groups(Net(), 0.0), target_sparsity=0.0, end_step=10, pattern="2:4")
+
+
+def test_adamwprune_with_a_pattern_and_no_target_prunes_to_the_patterns_sparsity():
+    model = Net()
+    opt = AdamWPrune(param_groups(model, 0.0), lr=1e-2, pattern="2:4", start_step=0, end_step=4, interval=2)
+    assert opt.target_sparsity == 0.5
+    _train(model, opt, None, 6)
+    assert (_groups(model.conv.weight) >= 2).all() and (_groups(model.fc.weight) >= 2).all()
+    assert (model.odd.weight != 0).all()  # 4-groups do not tile its 1*3*3 inputs: dense
 
 
 def test_erk_scope_gives_each_layer_its_erk_sparsity():

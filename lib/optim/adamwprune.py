@@ -28,7 +28,7 @@ from adamwprune.pruning.schedule import (is_update_step, last_update_step, spars
                                          validate_schedule)
 from adamwprune.optim import regrow as regrowth
 from adamwprune.pruning.dst import drop_fraction_at
-from adamwprune.pruning.patterns import DISTRIBUTIONS, MaskRule
+from adamwprune.pruning.patterns import DISTRIBUTIONS, MaskRule, nm_sparsity, parse_pattern
 from adamwprune.pruning.selection import prune_masks, validate_scope
 
 
@@ -102,6 +102,17 @@ def _check_regrow(regrow, scope, pattern, target, drop_fraction, distribution,
 def _check_int(label: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
         raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+
+
+def _pattern_target(pattern: str, target: Optional[float]) -> float:
+    """The target sparsity: as given; omitted, 1 - N/M for an N:M pattern (else 0, dense)."""
+    nm = parse_pattern(pattern)
+    if target is None:
+        return nm_sparsity(pattern) if nm else 0.0
+    if nm and not target:
+        raise ValueError(f"pattern {pattern} with target_sparsity=0 prunes nothing: omit target_sparsity "
+                         f"(it is then {nm_sparsity(pattern):g}) or use pattern='unstructured'")
+    return target
 
 
 class AdamWPrune(torch.optim.Optimizer):
@@ -187,7 +198,8 @@ class AdamWPrune(torch.optim.Optimizer):
         variant: importance score, one of ``adamwprune.optim.importance.IMPORTANCE``.
         target_sparsity, start_step, end_step, interval, schedule, scope: the
             shared pruning schedule and ranking scope; ``end_step`` is required
-            when ``target_sparsity > 0``.
+            when ``target_sparsity > 0``. ``target_sparsity`` omitted is 0 (dense)
+            for ``pattern="unstructured"`` and 1 - N/M for ``pattern="N:M"``.
         budget_factor: overrides the variant's step-budget factor (bitter2: 1.21),
             read by the engine through :attr:`step_budget_factor`.
         fast: None (auto), True or False: the fused CPU and GPU paths above.
@@ -196,7 +208,7 @@ class AdamWPrune(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: Optional[float] = None,
                  weight_decay: Optional[float] = None, base: str = "adamw",
-                 variant: str = "bitter0", target_sparsity: float = 0.0, start_step: int = 0,
+                 variant: str = "bitter0", target_sparsity: Optional[float] = None, start_step: int = 0,
                  end_step: Optional[int] = None, interval: int = 100, schedule: str = "cubic",
                  scope: Optional[str] = None, amsgrad: Optional[bool] = None,
                  budget_factor: Optional[float] = None, fast: Optional[bool] = None,
@@ -207,6 +219,7 @@ class AdamWPrune(torch.optim.Optimizer):
             raise ValueError(f"unknown AdamWPrune base {base!r}; valid: {', '.join(BASES)}")
         info = BASES[base]
         self.importance = get_importance(variant)
+        target_sparsity = _pattern_target(pattern, target_sparsity)
         if end_step is None:
             if target_sparsity:
                 raise ValueError("AdamWPrune needs end_step (where the sparsity ramp ends) "

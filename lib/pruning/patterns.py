@@ -160,7 +160,10 @@ class MaskRule:
             if scope == "erk":
                 raise ValueError(f"the ERK scope does not apply to the {pattern} pattern (its groups "
                                  "fix every layer's density); use scope 'global' or 'layer'")
-            if self.target and abs(self.target - nm_sparsity(pattern)) > 1e-9:
+            if not self.target:
+                raise ValueError(f"pattern {pattern} with target_sparsity 0 prunes nothing: give "
+                                 f"target_sparsity={nm_sparsity(pattern):g} or pattern 'unstructured'")
+            if abs(self.target - nm_sparsity(pattern)) > 1e-9:
                 raise ValueError(f"pattern {pattern} prunes to {nm_sparsity(pattern):g}: pass "
                                  f"target_sparsity={nm_sparsity(pattern):g}, not {self.target:g}")
         self.shapes = [tuple(s) for s in shapes]
