@@ -16,6 +16,11 @@ or any optimizer with a pruner stepped after it:
     pruner = MagnitudePruner(model, 0.7, start_step=100, end_step=800, interval=50,
                              optimizer=opt)
     ...  # opt.step(); pruner.step()
+
+Patterns: ``pattern="2:4"`` on AdamWPrune, MagnitudePruner, MovementPruner and
+StatePruner; SRSTEPruner trains N:M from scratch. Dynamic sparse training:
+RigLPruner and SETPruner (same keywords plus ``drop_fraction``, ``distribution``),
+or AdamWPrune(..., regrow="gradient").
 """
 from .memory import memory_report
 from .optim.adamwadv import AdamWAdv
@@ -23,10 +28,11 @@ from .optim.adamwprune import AdamWPrune
 from .optim.clipping import clip_grad_norm_
 from .optim.spam import AdamWSpam
 from .params import param_groups, prunable_parameters
-from .pruning import MagnitudePruner, MovementPruner, NoPruner, StatePruner, sparsity_at
+from .pruning import (MagnitudePruner, MovementPruner, NoPruner, RigLPruner, SETPruner, SRSTEPruner,
+                      StatePruner, sparsity_at)
 
 __all__ = [
     "AdamWAdv", "AdamWPrune", "AdamWSpam", "MagnitudePruner", "MovementPruner", "NoPruner",
-    "StatePruner", "clip_grad_norm_", "memory_report", "param_groups", "prunable_parameters", "sparsity_at",
+    "RigLPruner", "SETPruner", "SRSTEPruner", "StatePruner", "clip_grad_norm_", "memory_report", "param_groups", "prunable_parameters", "sparsity_at",
 ]
 __version__ = "0.2.0"
