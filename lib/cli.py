@@ -242,6 +242,7 @@ def continue_target(run: Path, rerun_failed: bool = False, accept_changes: bool 
     root = root or ROOT
     print(f"continuing {run}", flush=True)
     if (run / "matrix.json").exists():
+        from . import matrix
         from .launch import slurm
         from .matrix import run as run_matrix
 
@@ -251,7 +252,9 @@ def continue_target(run: Path, rerun_failed: bool = False, accept_changes: bool 
         cfg = slurm.matrix_config(run, extra)
         if cfg.launcher == "slurm":
             return slurm.run_matrix(run, cfg, rerun_failed=rerun_failed)
-        return 1 if run_matrix(run, rerun_failed=rerun_failed, accept_changes=accept_changes, root=root) else 0
+        jobs = cfg.matrix_jobs if any(matrix._symbol(k) == "MATRIX_JOBS" for k, _ in extra) else None
+        return 1 if run_matrix(run, rerun_failed=rerun_failed, jobs=jobs, accept_changes=accept_changes,
+                               root=root) else 0
     if launcher or launcher_set:
         raise ConfigError(f"{run} is a single run: it keeps the configuration it was created with; LAUNCHER= "
                           "and SET=\"SLURM_...\" on `make continue` are for a matrix")

@@ -72,6 +72,20 @@ def test_continue_takes_launcher_settings_only(tmp_path):
     assert r.stderr.count("\n") == 1
 
 
+def test_continue_takes_jobs(tmp_path, monkeypatch):
+    """JOBS= (cells at once) is how the matrix runs, not what a cell trains: continue takes it."""
+    from adamwprune import cli as cli_mod
+
+    local = {k: v for k, v in BASE.items() if k != "LAUNCHER"}
+    path = write_config(tmp_path, {**local, "RUN_RESULTS_DIR": str(tmp_path / "results")}, defconfig="t")
+    mdir = matrix.create(path, [("JOBS", "1")], tmp_path / "results")
+    seen = {}
+    monkeypatch.setattr(matrix, "run", lambda d, **kw: seen.update(kw) or 0)
+    assert cli_mod.continue_target(mdir, launcher_set=[("JOBS", "2")]) == 0
+    assert seen["jobs"] == 2
+    assert cli_mod.continue_target(mdir) == 0 and seen["jobs"] is None  # the matrix's own JOBS
+
+
 def test_status_of_a_slurm_matrix_says_which_task_runs_each_cell(tmp_path, monkeypatch):
     path = write_config(tmp_path, {**BASE, "RUN_RESULTS_DIR": str(tmp_path / "results")}, defconfig="t")
     mdir = matrix.create(path, [], tmp_path / "results")

@@ -150,14 +150,15 @@ def submit(matrix_dir: Path, cells: list, settings: Settings, name: str) -> tupl
 
 def matrix_config(matrix_dir: Path, extra: Iterable[tuple[str, str]] = ()):
     """The matrix's own configuration (its .config and make-line overrides), plus `extra`:
-    launcher settings given to `make continue` (nothing else may change there)."""
+    launcher settings given to `make continue` (nothing else may change there; JOBS=, how
+    many cells run at once here, is one)."""
     from .. import matrix
     from ..config import load
 
     extra = list(extra)
     for key, _ in extra:
-        if not matrix._symbol(key).startswith(("LAUNCHER", "SLURM_")):
-            raise ConfigError(f"{key}: `make continue` takes launcher settings only (LAUNCHER=, SLURM_*); "
+        if not matrix._symbol(key).startswith(("LAUNCHER", "SLURM_", "MATRIX_JOBS")):
+            raise ConfigError(f"{key}: `make continue` takes launcher settings only (LAUNCHER=, JOBS=, SLURM_*); "
                               "the cells' configuration is fixed when the matrix is created")
     meta, _ = matrix.load_cells(matrix_dir)
     pairs = [tuple(p) for p in meta["overrides"]] + extra
