@@ -34,7 +34,7 @@ endif
 
 .DEFAULT_GOAL := all
 .PHONY: all help install demo check test defconfig menuconfig olddefconfig savedefconfig \
-        list-defconfigs prepare-data continue dry-run status summary update-graphs trackio-view trackio-test wandb-test bench gputop evaluate export bench-inference clean mrproper
+        list-defconfigs prepare-data continue dry-run status summary claims update-graphs trackio-view trackio-test wandb-test bench gputop evaluate export bench-inference clean mrproper
 
 help:
 	@echo "AdamWPrune - pruning during training with the state Adam already keeps"
@@ -62,6 +62,7 @@ help:
 	@echo "                         although the current Kconfig resolves the run differently (recorded);"
 	@echo "                         LAUNCHER=local|slurm moves a matrix"
 	@echo "  make summary [DIR=]    rebuild summary.csv / summary.md of the newest (or DIR) matrix"
+	@echo "  make claims            the seed README's claims tested on the study matrices (docs/claims.md)"
 	@echo "  make update-graphs [DIR=]  figures + report.md into <matrix>/graphs/ and images/<model>/"
 	@echo "  make trackio-view [MODEL=]  open trackio's local dashboard (results/trackio)"
 	@echo "  make trackio-test / make wandb-test   log a short fake run to check a tracker's set-up"
@@ -136,6 +137,9 @@ status: $(STAMP)
 
 summary: $(STAMP)
 	$(PY) -m adamwprune.summary $(DIR)
+
+claims: $(STAMP)
+	$(PY) -m adamwprune.claims $(CLAIMS_ARGS)
 
 update-graphs: $(STAMP)
 	$(PY) -m adamwprune.graphs $(DIR)
