@@ -7,6 +7,8 @@
                                validation chooses per (model, optimizer) among dense runs
     tuned_lines(meta)          a matrix with MATRIX_TUNED_FROM: which values its cells used,
                                where they came from, and the candidates they beat
+    by_sparsity_lines(rows)    per model: one line per method, one column per target
+                               sparsity, the test metric's mean ± std (n) in each
 """
 from __future__ import annotations
 
@@ -121,5 +123,33 @@ def tuned_lines(meta: Optional[dict]) -> list[str]:
                              "candidates (validation mean)"], body)
 
 
+def by_sparsity_lines(rows: list[dict]) -> list[str]:
+    """Per model, the test metric (mean ± std over the completed seeds, n) of every method at
+    every target sparsity of the matrix; dense methods in the 0 % column."""
+    S = _s()
+    models = list(dict.fromkeys(r["model"] for r in rows if r["n_seeds"]))
+    if len(models) == 0 or len({r["target_sparsity"] for r in rows}) < 2:
+        return []
+    lines = ["", "## Test metric by method and target sparsity", "",
+             "The test metric at the best validation step, mean ± std over the completed seeds (n); the "
+             "significance of each difference is in the section above."]
+    for model in models:
+        mine = [r for r in rows if r["model"] == model and r["n_seeds"]]
+        targets = sorted({r["target_sparsity"] or 0.0 for r in mine})
+        methods = list(dict.fromkeys(r["method"] for r in mine))
+        cell = {(r["method"], r["target_sparsity"] or 0.0): r for r in mine}
+        metric = next((r["metric_name"] for r in mine if r["metric_name"]), "metric")
+        body = []
+        for m in methods:
+            line = [m]
+            for t in targets:
+                r = cell.get((m, t))
+                line.append("" if r is None else f"{S.fmt_pm(r['test_mean'], r['test_std'])} ({r['n_seeds']})")
+            body.append(line)
+        lines += ["", f"### {model}: test {metric}", ""]
+        lines += S._table(["method"] + [S.fmt_pct(t) for t in targets], body)
+    return lines
+
+
 def extra_sections(rows: list[dict], meta: Optional[dict] = None) -> list[str]:
-    return significance_lines(rows) + grid_lines(rows) + tuned_lines(meta)
+    return significance_lines(rows) + by_sparsity_lines(rows) + grid_lines(rows) + tuned_lines(meta)

@@ -144,6 +144,20 @@ def test_summary_statistics_match_the_run_directories(matrix):
     assert row["metric_name"] == "accuracy" and row["higher_is_better"] is True
 
 
+def test_summary_md_tabulates_the_test_metric_by_method_and_sparsity(matrix):
+    from adamwprune.summary_sections import by_sparsity_lines
+
+    lines = by_sparsity_lines(S.summarize(S.collect(matrix)))
+    assert "| method | 0.0% | 50.0% | 70.0% |" in lines
+    tests = [f["test_metric_at_best"] for f in finals(matrix, optimizer="adamw", pruning="magnitude", sparsity=0.5)]
+    (mag,) = [ln for ln in lines if ln.startswith("| adamw + magnitude |")]
+    cells = [c.strip() for c in mag.strip("|").split("|")]
+    assert cells[1] == "" and cells[2] == f"{S.fmt_pm(statistics.fmean(tests), statistics.stdev(tests))} (2)"
+    assert cells[3].endswith("(1)")  # the 70 % configuration: one completed seed, one failed
+    (dense,) = [ln for ln in lines if ln.startswith("| adamw + none |")]
+    assert dense.split("|")[2].strip().endswith("(1)") and dense.split("|")[3].strip() == ""
+
+
 def test_sample_std_uses_n_minus_one_and_is_zero_for_one_seed(matrix, tmp_path):
     copy = copy_matrix(matrix, tmp_path)
     cells = [c for c in json.loads((copy / "matrix.json").read_text())["cells"]
