@@ -30,7 +30,19 @@ SLURM = ("needs the local Slurm cluster and minutes of cells; tests/test_slurm.p
          "scripts/slurm-local.sh")
 DATA = "tokenizes the 1.2 M-token corpus (about a minute); tests/test_tokens.py prepares small shards"
 
+STUDY = "runs a study (hours); tests/test_matrix.py and test_sweep.py run small matrices and grids"
+READS_STUDY = "reads the study matrices under results/; tests/test_claims.py judges a real matrix"
+
 COMMANDS = {
+    "for p in lenet5-lr-grid lenet5-compare gpt2-char-lr-grid gpt2-char-bitter-lesson lenet5-patterns-dst "
+    "gpt2-char-patterns-dst; do": STUDY,
+    "make defconfig DEFCONFIG=$p && make JOBS=2 && make summary && make update-graphs": STUDY,
+    "done": STUDY,
+    "make defconfig DEFCONFIG=gpt2-char-bitter-lesson && make JOBS=2": STUDY,
+    "make defconfig DEFCONFIG=gpt2-char-lr-grid && make JOBS=2": STUDY,
+    "make defconfig DEFCONFIG=lenet5-compare && make JOBS=2": STUDY,
+    "make claims": READS_STUDY,
+    ".venv/bin/python scripts/docs_figures.py": READS_STUDY,
     "make demo": "trains the demo (15-40 s); tests/test_engine.py trains LeNet-5 end to end",
     "make check": "is the test suite itself",
     "make list-defconfigs": RUN,
