@@ -77,7 +77,16 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     write_atomic(path, lambda fh: fh.write(data), binary=True)
 
 
-def write_json_atomic(path: Path, obj: Any, default: Optional[Callable[[Any], Any]] = None) -> None:
+def jsonable(x: Any) -> Any:
+    """JSON for what runs record besides plain values: paths, and tensors (a number or a list)."""
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "numel") and hasattr(x, "tolist"):  # a torch.Tensor, without importing torch here
+        return x.item() if x.numel() == 1 else x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_json_atomic(path: Path, obj: Any, default: Optional[Callable[[Any], Any]] = jsonable) -> None:
     def dump(fh):
         json.dump(obj, fh, indent=2, sort_keys=True, default=default)
         fh.write("\n")

@@ -42,7 +42,6 @@ import copy
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -416,17 +415,11 @@ def bench_engine(device: torch.device, short: int, long: int, rounds: int) -> di
 
 # ------------------------------------------------------------------ report
 def environment(device: torch.device) -> dict:
+    from .rundir import environment as machine
+
     kernels = cpu_kernels.load()
-    env = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "kernels": str(kernels.path) if kernels else cpu_kernels.load_error(),
-           "kernel_compile_seconds": cpu_kernels.fresh_compile_seconds() if kernels else None}
-    if hasattr(os, "getloadavg"):
-        env["load_average_at_start"] = list(os.getloadavg())
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
+    return {**machine(device), "kernels": str(kernels.path) if kernels else cpu_kernels.load_error(),
+            "kernel_compile_seconds": cpu_kernels.fresh_compile_seconds() if kernels else None}
 
 
 def _fmt(s: dict) -> str:
@@ -435,7 +428,7 @@ def _fmt(s: dict) -> str:
 
 def print_table(result: dict) -> None:
     print(f"\nAdamWPrune bench on {result['environment']['device']} "
-          f"({result['environment']['threads']} threads, torch {result['environment']['torch']}); "
+          f"({result['environment']['torch_threads']} threads, torch {result['environment']['torch']}); "
           "times in ms: median (min-max)")
     for name, r in result["shapes"].items():
         print(f"\n{name}: {r['parameters']:,} parameters")

@@ -139,13 +139,13 @@ class Result:
 
 def matrix_of(preset: str, results: Path) -> Path:
     """The newest finished-or-not matrix made from `preset` under `results`."""
-    from .tuning import _named
+    from .rundir import latest_matrix
 
-    found = sorted(p.parent for p in results.glob("*/matrix.json") if _named(p.parent.name, preset))
-    if not found:
+    found = latest_matrix(results, preset)
+    if found is None:
         raise ConfigError(f"no `{preset}` matrix under {results}: run it with "
                           f"`make defconfig DEFCONFIG={preset} && make JOBS=2`")
-    return found[-1]
+    return found
 
 
 def _matches(row: dict, sel: dict) -> bool:

@@ -383,7 +383,8 @@ def _dispatch(args) -> int:
 
         return dry_run(Path(args.config), parse_overrides(args.override, args.set))
     if args.cmd == "status":
-        from .matrix import latest_matrix, status
+        from .matrix import status
+        from .rundir import latest_matrix
 
         results = None if args.dir else _results(args)
         mdir = args.dir or latest_matrix(results)

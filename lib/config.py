@@ -19,7 +19,7 @@ import kconfiglib
 
 from .registry import DISTRIBUTIONS, OPTIMIZERS, PATTERN_KINDS, PRUNERS
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout (Kconfig lives here)
+from .paths import ROOT  # the checkout (Kconfig lives here)
 
 # The matrix axes whose values are registry names: one MATRIX_<AXIS>_<NAME> selection each.
 REGISTRY_AXES: dict[str, tuple[str, ...]] = {

@@ -296,11 +296,6 @@ def load_cells(matrix_dir: Path) -> tuple[dict, list[Cell]]:
     return meta, cells
 
 
-def latest_matrix(results: Path) -> Optional[Path]:
-    found = sorted(p.parent for p in Path(results).glob("*/matrix.json"))
-    return found[-1] if found else None
-
-
 # ------------------------------------------------------------------ status
 def cell_state(cell_dir: Path) -> str:
     """done / diverged / failed / running / interrupted / pending, from the files alone.

@@ -14,19 +14,8 @@ from typing import Any, Iterable, Optional
 import torch
 
 from . import atomic
-from .config import ROOT
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    atomic.write_json_atomic(path, obj, default=_jsonable)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (Path,)):
-        return str(x)
-    if isinstance(x, torch.Tensor):
-        return x.item() if x.numel() == 1 else x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+from .atomic import jsonable, write_json_atomic  # noqa: F401  (run and matrix writers import it from here)
+from .paths import ROOT
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -62,6 +51,7 @@ def git_sha(root: Path = ROOT) -> Optional[str]:
 
 
 def environment(device: torch.device) -> dict:
+    """The machine and software a run (or a benchmark: adamwprune.bench, inference.bench) ran on."""
     env = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -73,10 +63,13 @@ def environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "git_sha": git_sha(),
         "argv": sys.argv,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if hasattr(os, "getloadavg"):
+        env["load_average_at_start"] = list(os.getloadavg())
     return env
 
 
@@ -103,7 +96,7 @@ class RunDir:
     def append_metrics(self, row: dict) -> None:
         if not self.enabled:
             return
-        atomic.append_line(self.metrics_path, json.dumps(row, default=_jsonable))
+        atomic.append_line(self.metrics_path, json.dumps(row, default=jsonable))
 
     def truncate_metrics(self, max_step: int) -> None:
         """Drop rows after `max_step` (written after the checkpoint we resume from)."""
@@ -143,6 +136,23 @@ def run_name(model: str, optimizer: str, pruning: str, sparsity: float, variant:
         parts.append(extra)
     parts.append(f"s{seed}")
     return "_".join(parts)
+
+
+def made_from(dirname: str, name: str) -> bool:
+    """Whether a directory name is <timestamp>_<name> or <timestamp>_<name>-<n> (new_run_path's names)."""
+    rest = dirname.split("_", 1)[1] if "_" in dirname else ""
+    return rest == name or (rest.startswith(name + "-") and rest[len(name) + 1:].isdigit())
+
+
+def latest_matrix(results: Path, name: Optional[str] = None) -> Optional[Path]:
+    """The newest directory with a matrix.json under `results` (names start with their
+    creation time; the modification time breaks a tie), only those made from the preset
+    or matrix `name` if given; None when there is none (or no `results`)."""
+    results = Path(results)
+    if not results.is_dir():
+        return None
+    found = [p.parent for p in results.glob("*/matrix.json") if name is None or made_from(p.parent.name, name)]
+    return max(found, key=lambda p: (p.name, p.stat().st_mtime)) if found else None
 
 
 def new_run_path(results_dir: Path, name: str, existing: Iterable[Path] = ()) -> Path:

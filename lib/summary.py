@@ -27,10 +27,10 @@ from typing import Iterable, Optional
 from . import stats
 from . import summary_sections as sections
 from .atomic import write_text_atomic
-from .rundir import read_json
+from .rundir import latest_matrix, read_json
 from .sweep import label as sweep_label
 
-ROOT = Path(__file__).resolve().parent.parent
+from .paths import ROOT
 MIB = 1 << 20
 COMPLETED = "completed"
 PENDING = "pending"
@@ -450,15 +450,6 @@ def write_summary(matrix_dir) -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------------- CLI
-def latest_matrix(results_root: Path = ROOT / "results") -> Optional[Path]:
-    """The newest directory under `results_root` with a matrix.json (names start with a timestamp)."""
-    if not results_root.is_dir():
-        return None
-    found = sorted((p.parent for p in results_root.glob("*/matrix.json")),
-                   key=lambda p: (p.name, p.stat().st_mtime))
-    return found[-1] if found else None
-
-
 def resolve_dir(arg: Optional[str]) -> Path:
     """DIR from the command line, or the newest matrix; raises SystemExit with a one-line reason."""
     if arg:
@@ -467,7 +458,7 @@ def resolve_dir(arg: Optional[str]) -> Path:
             raise SystemExit(f"{path} is not a directory; pass a matrix directory "
                              "(results/<timestamp>_<name>)")
         return path
-    path = latest_matrix()
+    path = latest_matrix(ROOT / "results")
     if path is None:
         raise SystemExit(f"no directory with a matrix.json under {ROOT / 'results'}; pass DIR")
     return path

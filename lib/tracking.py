@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout; same as config.ROOT, without kconfiglib
+from .paths import ROOT
 
 TRACKERS = ("trackio", "wandb")
 NONE = "none"

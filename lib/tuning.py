@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, resolve_path
+from .rundir import latest_matrix
 
 Pairs = tuple[tuple[str, str], ...]
 
@@ -31,18 +32,12 @@ def resolve_dir(spec: str, results_dir: str) -> Path:
     if (path / "matrix.json").is_file():
         return path
     results = resolve_path(results_dir)
-    found = sorted(p.parent for p in results.glob("*/matrix.json") if _named(p.parent.name, spec))
-    if not found:
+    found = latest_matrix(results, spec)
+    if found is None:
         raise ConfigError(f"MATRIX_TUNED_FROM={spec}: no tuning matrix there: neither a directory with a "
                           f"matrix.json nor a `{spec}` matrix under {results}; run the grid first "
                           f"(make defconfig DEFCONFIG={spec} && make) or set MATRIX_TUNED_FROM=\"\"")
-    return found[-1]
-
-
-def _named(dirname: str, name: str) -> bool:
-    """<timestamp>_<name> or <timestamp>_<name>-<n> (rundir.new_run_path's names)."""
-    rest = dirname.split("_", 1)[1] if "_" in dirname else ""
-    return rest == name or (rest.startswith(name + "-") and rest[len(name) + 1:].isdigit())
+    return found
 
 
 def grid_rows(tuning_dir: Path) -> list[dict]:

@@ -298,20 +298,12 @@ def _swap(model: nn.Module, names: set[str]) -> None:
 
 # ----------------------------------------------------------------- sections
 def environment(device: torch.device) -> dict:
-    import os
-    import platform
-
+    from ..rundir import environment as machine
     from . import cpu_kernels, semi_structured
 
     kernels = cpu_kernels.load()
-    env = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
-           "platform": platform.platform(),
-           "sparse_kernel": str(kernels.path) if kernels else cpu_kernels.load_error(),
-           "two_four_gpu": semi_structured.available()[1]}
-    if hasattr(os, "getloadavg"):
-        env["load_average_at_start"] = list(os.getloadavg())
-    return env
+    return {**machine(device), "sparse_kernel": str(kernels.path) if kernels else cpu_kernels.load_error(),
+            "two_four_gpu": semi_structured.available()[1]}
 
 
 def synthetic(device: torch.device, models: list[str], sparsities=SPARSITIES, repeats: int = 7,
@@ -360,7 +352,7 @@ def headline(result: dict) -> dict:
 
 def print_synthetic(result: dict) -> None:
     env = result["environment"]
-    print(f"\nsparse inference on {env['device']} ({env['threads']} threads); forward ms, "
+    print(f"\nsparse inference on {env['device']} ({env['torch_threads']} threads); forward ms, "
           "median (min-max); speed-up = dense / sparse")
     for model, shapes in result["linear"].items():
         print(f"\n{model} Linear layers alone (dense | sparse kernel | torch CSR):")
@@ -410,7 +402,7 @@ def bench_run(run_dir: Path, repeats: int = 7, warmup: int = 2) -> dict:
                                      repeats, warmup)}
     write_json_atomic(Path(run_dir) / "inference.json", result)
     print(f"\n{cfg.model} from {source} (prunable sparsity {100 * sparsity:.2f}%), CPU, "
-          f"{result['environment']['threads']} threads:")
+          f"{result['environment']['torch_threads']} threads:")
     for batch, r in result["batches"].items():
         print("  " + _model_cell(batch, r))
     print(f"wrote {Path(run_dir) / 'inference.json'}")
