@@ -1,0 +1,6 @@
+"""python -m adamwprune.monitor: gputop."""
+import sys
+
+from .gputop import main
+
+sys.exit(main())
