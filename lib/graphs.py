@@ -444,36 +444,43 @@ def fig_metric_per_mib(d: ModelData) -> Drawn:
                  "(mean over seeds): how much of the metric each MiB buys.", fig)
 
 
-def is_gpt2_comparison(run: dict) -> bool:
-    """AdamWSpam + magnitude, or AdamWPrune with state pruning (bitter0/1/2)."""
-    return ((run["optimizer"], run["pruning"]) == ("adamwspam", "magnitude")
-            or (run["optimizer"], run["pruning"]) == ("adamwprune", "state"))
+def against_base(runs: list[dict]) -> list[dict]:
+    """AdamWPrune's runs whose pruner has a baseline (registry ``PrunerInfo.baseline``), and
+    the runs of that baseline over the same base optimizer with the same pattern."""
+    from .registry import PRUNERS
+
+    ours = [r for r in runs if r["optimizer"] == "adamwprune" and r["pruning"] in PRUNERS
+            and PRUNERS[r["pruning"]].baseline and r.get("base")]
+    pairs = {(r["base"], PRUNERS[r["pruning"]].baseline, r.get("pattern")) for r in ours}
+    theirs = [r for r in runs if (r["optimizer"], r["pruning"], r.get("pattern")) in pairs]
+    return theirs + ours if theirs else []
 
 
-def fig_gpt2_comparison(d: ModelData) -> Drawn:
-    if d.model != "gpt2" or d.metric != "perplexity":
-        raise NotApplicable("only for GPT-2 runs that report perplexity")
-    runs = [r for r in d.runs if is_gpt2_comparison(r) and r["rows"]]
-    configs = d.configs(runs)
-    if len({m for m, _ in configs}) < 2:
-        raise Skipped("needs AdamWSpam + magnitude and at least one AdamWPrune variant")
+def fig_adamwprune_vs_base(d: ModelData) -> Drawn:
+    runs = [r for r in against_base(d.runs) if r["rows"] and r["target_sparsity"]]
+    if not runs:
+        raise Skipped("needs AdamWPrune and its base optimizer with the matching pruner "
+                      "(e.g. AdamWSpam + magnitude and AdamWPrune[adamwspam] + state)")
     targets = sorted({r["target_sparsity"] for r in runs})
     fig, axes = new_figure(len(targets), sharey=True)
     for ax, target in zip(axes, targets):
         for method, group in d.configs([r for r in runs if r["target_sparsity"] == target]):
             plot_mean(ax, group, "val_metric", method, color=d.colors[method])
-        ax.set(title=sparsity_title(target), xlabel="optimizer step", ylabel="validation perplexity")
-        log_y(ax)
+        ax.set(title=sparsity_title(target), xlabel="optimizer step",
+               ylabel=metric_label(d.metric, "validation"))
+        if not d.higher_is_better:
+            log_y(ax)
     figure_legend(fig, axes)
-    fig.suptitle("GPT-2: AdamWSpam + magnitude pruning against AdamWPrune's importance scores", wrap=True)
-    return Drawn("gpt2_perplexity_spam_vs_adamwprune", "GPT-2: AdamWSpam vs AdamWPrune",
-                 "GPT-2 validation perplexity against step for AdamWSpam with magnitude pruning and each "
-                 "AdamWPrune variant, one panel per target sparsity (log scale, mean over seeds).", fig)
+    fig.suptitle(f"{d.model}: AdamWPrune's importance scores against its base optimizer's pruner", wrap=True)
+    return Drawn(f"{d.model}_adamwprune_vs_base", "AdamWPrune against its base optimizer's pruner",
+                 f"{d.model} validation {d.metric} against step for each AdamWPrune variant and its base "
+                 "optimizer with the pruner that selects the same way (magnitude for state pruning, RigL "
+                 "for regrow), one panel per target sparsity (mean over seeds).", fig)
 
 
 FIGURES: tuple[Callable[[ModelData], Drawn], ...] = (
     fig_val_curves, fig_final_vs_sparsity, fig_sparsity_schedule, fig_memory_bars,
-    fig_memory_timeline, fig_memory_vs_metric, fig_metric_per_mib, fig_gpt2_comparison)
+    fig_memory_timeline, fig_memory_vs_metric, fig_metric_per_mib, fig_adamwprune_vs_base)
 
 
 # ------------------------------------------------------------------ drawing

@@ -74,6 +74,10 @@ class PrunerInfo:
     # Follows the shared sparsity ramp (PRUNING_RAMP_START/END); SR-STE applies its
     # N:M mask from the first forward instead.
     ramps: bool = True
+    # For a pruner of AdamWPrune's: the pruner a base optimizer B uses for the same kind
+    # of pruning (AdamWPrune bitter1 over B *is* B + magnitude); figures and the fairness
+    # tests pair the two.
+    baseline: Optional[str] = None
 
 
 def _fast(groups: list) -> dict:
@@ -220,10 +224,10 @@ PRUNERS: dict[str, PrunerInfo] = {
                            "Sanh et al. hard movement, scores in fp32", patterns=_RANKS),
     "state": PrunerInfo("state", _state, "AdamWPrune prunes from its own state",
                         optimizer_prunes=True, requires_optimizer=("adamwprune",), patterns=_RANKS,
-                        uses_variant=True),
+                        uses_variant=True, baseline="magnitude"),
     "state_regrow": PrunerInfo("state_regrow", _state, "AdamWPrune drops by its score, regrows by |g|",
                                optimizer_prunes=True, requires_optimizer=("adamwprune",),
-                               dynamic=True, uses_variant=True),
+                               dynamic=True, uses_variant=True, baseline="rigl"),
     "srste": PrunerInfo("srste", _srste, "SR-STE: N:M from scratch (Zhou et al. 2021)",
                         patterns=("nm",), ramps=False),
     "rigl": PrunerInfo("rigl", _dynamic("RigLPruner"), "RigL: drop |w|, grow |g| (Evci et al. 2020)",

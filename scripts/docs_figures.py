@@ -23,7 +23,7 @@ FIGURES = {
     "lenet5-compare": ["lenet5_final_vs_sparsity.png"],
     "lenet5-patterns-dst": ["lenet5_final_vs_sparsity.png"],
     "gpt2-char-lr-grid": ["gpt2_sweep.png"],
-    "gpt2-char-bitter-lesson": ["gpt2_final_vs_sparsity.png", "gpt2_perplexity_spam_vs_adamwprune.png"],
+    "gpt2-char-bitter-lesson": ["gpt2_final_vs_sparsity.png", "gpt2_adamwprune_vs_base.png"],
     "gpt2-char-patterns-dst": ["gpt2_final_vs_sparsity.png", "gpt2_val_curves.png"],
 }
 

@@ -251,9 +251,14 @@ def _hyper(cfg):
     return {k: getattr(cfg, k) for k in HYPER}
 
 
-# The pruner each side of the pair uses for the same kind of pruning.
-_AS_ADAMWPRUNE = {"rigl": "state_regrow", "set": "state_regrow"}
-_AS_BASE = {"state_regrow": "rigl"}
+def _as_adamwprune(pruning: str) -> str:
+    """AdamWPrune's pruner for the kind of pruning a base optimizer's run does (the registry's
+    ``baseline`` read backwards; SET's random growth has AdamWPrune regrow as its counterpart)."""
+    from adamwprune.registry import PRUNERS
+
+    dynamic = PRUNERS[pruning].dynamic if pruning in PRUNERS else False
+    found = [n for n, p in PRUNERS.items() if p.baseline and p.dynamic == dynamic]
+    return found[0] if found else "state"
 
 
 def _counterpart(pairs: dict, cfg) -> dict:
@@ -261,10 +266,12 @@ def _counterpart(pairs: dict, cfg) -> dict:
     pairs = {k: v for k, v in pairs.items() if k not in ("OPTIMIZER", "ADAMWPRUNE_BASE",
                                                          "ADAMWPRUNE_VARIANT", "PRUNING")}
     if cfg.optimizer == "adamwprune":
+        from adamwprune.registry import PRUNERS
+
         return {**pairs, "OPTIMIZER": cfg.adamwprune_base,
-                "PRUNING": _AS_BASE.get(cfg.pruning, "magnitude")}
+                "PRUNING": PRUNERS[cfg.pruning].baseline or "magnitude"}
     return {**pairs, "OPTIMIZER": "adamwprune", "ADAMWPRUNE_BASE": cfg.optimizer,
-            "PRUNING": _AS_ADAMWPRUNE.get(cfg.pruning, "state")}
+            "PRUNING": _as_adamwprune(cfg.pruning)}
 
 
 def _runs_of(path):

@@ -13,7 +13,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # every lenet5 figure has its data, except the metric per MiB, which a CPU run's process
 # RSS cannot support; the GPT-2 comparison does not apply.
 EXPECTED = ["lenet5_val_curves", "lenet5_final_vs_sparsity", "lenet5_sparsity_schedule",
-            "lenet5_memory_bars", "lenet5_memory_timeline", "lenet5_memory_vs_metric"]
+            "lenet5_memory_bars", "lenet5_memory_timeline", "lenet5_memory_vs_metric", "lenet5_adamwprune_vs_base"]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def test_images_change_when_the_results_change(drawn, tmp_path):
 def to_gpt2(matrix):
     """Relabel the fixture's 50% cells as GPT-2 runs reporting perplexity = exp(validation loss)."""
     spec = json.loads((matrix / "matrix.json").read_text())
-    relabel = {("adamw", "magnitude"): ("adamwspam", "magnitude", None),
+    # AdamWPrune's base in the fixture is AdamW: its pair for the comparison figure
+    relabel = {("adamw", "magnitude"): ("adamw", "magnitude", None),
                ("adamwprune", "state"): ("adamwprune", "state", "bitter1")}
     kept = []
     for cell in spec["cells"]:
@@ -114,12 +115,12 @@ def test_gpt2_perplexity_comparison_is_drawn_when_present(drawn, tmp_path):
     matrix, _, _ = drawn
     gpt2 = to_gpt2(copy_matrix(matrix, tmp_path))
     pngs = {p.stem: p for p in G.update_graphs(gpt2, images_root=tmp_path / "images")}
-    assert "gpt2_perplexity_spam_vs_adamwprune" in pngs and "gpt2_val_curves" in pngs
-    assert_png(pngs["gpt2_perplexity_spam_vs_adamwprune"])
+    assert "gpt2_adamwprune_vs_base" in pngs and "gpt2_val_curves" in pngs
+    assert_png(pngs["gpt2_adamwprune_vs_base"])
     # a ratio of perplexity to memory means nothing: skipped, and said so
     assert f"gpt2_metric_per_{G.PER_MIB}mib" not in pngs
     assert "lower-is-better" in (gpt2 / "graphs" / "report.md").read_text()
-    assert (tmp_path / "images" / "gpt2" / "gpt2_perplexity_spam_vs_adamwprune.png").is_file()
+    assert (tmp_path / "images" / "gpt2" / "gpt2_adamwprune_vs_base.png").is_file()
 
 
 def test_pareto_front_keeps_points_no_other_beats_on_memory_and_metric():
@@ -212,3 +213,14 @@ def test_make_update_graphs_command_draws_a_matrix_without_sweeps(drawn, tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-1] == str(matrix / "graphs" / "report.md")
     assert not any((matrix / "graphs").glob("*sweep*"))
+
+
+def test_adamwprune_is_paired_with_its_own_base_optimizer_and_pattern():
+    run = lambda opt, pruning, base=None, pattern="unstructured": {
+        "optimizer": opt, "pruning": pruning, "base": base, "pattern": pattern}
+    ours, regrow = run("adamwprune", "state", "adamwspam"), run("adamwprune", "state_regrow", "adamw")
+    same, rigl = run("adamwspam", "magnitude"), run("adamw", "rigl")
+    other_base, other_pattern = run("adamw", "magnitude"), run("adamwspam", "magnitude", pattern="2:4")
+    got = G.against_base([ours, regrow, same, rigl, other_base, other_pattern, run("adamw", "none")])
+    assert {id(r) for r in got} == {id(ours), id(regrow), id(same), id(rigl)}
+    assert G.against_base([ours, other_base]) == []  # no run of its base: nothing to compare
