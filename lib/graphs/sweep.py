@@ -9,10 +9,11 @@ the order given.
 """
 from __future__ import annotations
 
-from . import graphs as G
-from . import summary as S
-from .sweep import label
-from .tuning import best_per_group
+from . import figures as F
+from . import style as G
+from .. import summary as S
+from ..sweep import label
+from ..tuning import best_per_group
 
 LOG_SPAN = 10.0  # values spanning at least this factor are drawn on a log axis
 
@@ -42,7 +43,7 @@ def _axis(ax, symbol: str, values: list[str]) -> dict[str, float]:
     return dict(zip(values, nums))
 
 
-def fig_sweep(d: G.ModelData) -> G.Drawn:
+def fig_sweep(d: F.ModelData) -> G.Drawn:
     rows = [r for r in d.rows if r.get("sweep")]
     if not rows:
         raise G.NotApplicable("no MATRIX_SWEEP axes")
