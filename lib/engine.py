@@ -387,6 +387,20 @@ class Trainer:
     def evaluate(self, split) -> tuple[float, float]:
         return self.task.finish_eval(self.eval_sums(split))
 
+    def evaluate_checkpoint(self, weights: dict, where: Path) -> dict[str, float]:
+        """Evaluate saved weights (best.pt's "model") on the test split of this trainer's
+        config, without building an optimizer, a pruner or a sampler (`make evaluate`):
+        the task's evaluation sums (with ``_examples``)."""
+        from .evaluate import load_weights
+
+        self.device = select_device("auto", self.dist)
+        self.data = self.task.build_data(self.cfg)
+        self.model = self.task.build_model(self.cfg)
+        load_weights(self.model, weights, where)
+        self.model.to(self.device)
+        self.amp = contextlib.nullcontext()
+        return self.eval_sums(self.data.test)
+
     def _pattern_record(self) -> dict:
         """What final.json says about the mask's shape: the pattern ("unstructured" or
         "N:M"), the layer distribution of dynamic sparse training, and the prunable

@@ -8,7 +8,6 @@ directory evaluated, the number of examples, the loss and the metric.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -90,7 +89,7 @@ def evaluate_run(run_dir: Path, data_dir: Optional[str] = None, dataset: Optiona
     """Evaluate best.pt of `run_dir` on the test split of `dataset` (default: the
     run's) under `data_dir` (default: the run's); writes and returns eval.json."""
     from .cli import load_task
-    from .engine import Trainer, select_device
+    from .engine import Trainer
     from .distributed import DistContext
 
     run_dir = Path(run_dir)
@@ -100,14 +99,8 @@ def evaluate_run(run_dir: Path, data_dir: Optional[str] = None, dataset: Optiona
     cfg = eval_config(stored, dataset, data_dir)
     task = load_task(cfg.model)
     with DirLock(run_dir, "run directory"):
-        trainer = Trainer(task, cfg, run_dir, dist=DistContext())
-        trainer.device = select_device("auto", trainer.dist)
-        trainer.data = task.build_data(cfg)
-        trainer.model = task.build_model(cfg)
-        load_weights(trainer.model, state["model"], run_dir / "best.pt")
-        trainer.model.to(trainer.device)
-        trainer.amp = contextlib.nullcontext()
-        sums = trainer.eval_sums(trainer.data.test)
+        sums = Trainer(task, cfg, run_dir, dist=DistContext()).evaluate_checkpoint(state["model"],
+                                                                                  run_dir / "best.pt")
         loss, metric = task.finish_eval(sums)
         used_dir = None if cfg.dataset in DATASETS_WITHOUT_FILES else cfg.data_dir
         result = {"run": str(run_dir), "model": cfg.model, "checkpoint": str(run_dir / "best.pt"),
