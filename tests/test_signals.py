@@ -56,16 +56,7 @@ def _stopped_step(out: str, signame: str) -> int:
     return int(lines[0].split(" at step ")[1].split("/")[0])
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref_run")
-    cfg = write_config(d, TINY)
-    r = cli("run", "--config", str(cfg), "--run-dir", str(d / "ref"))
-    assert r.returncode == 0, r.stdout + r.stderr
-    return d / "ref"
-
-
-def test_sigterm_saves_last_pt_at_the_current_step_and_continue_is_exact(tmp_path, reference_run):
+def test_sigterm_saves_last_pt_at_the_current_step_and_continue_is_exact(tmp_path, references):
     sig = signal.SIGTERM
     cfg = write_config(tmp_path, {**TINY, "RUN_RESULTS_DIR": str(tmp_path / "results")})
     cut = tmp_path / "results" / "cut"
@@ -83,7 +74,7 @@ def test_sigterm_saves_last_pt_at_the_current_step_and_continue_is_exact(tmp_pat
     cont = cli("continue", "--results", str(tmp_path / "results"))
     assert cont.returncode == 0, cont.stdout + cont.stderr
     assert f"resumed at step {step}" in cont.stdout
-    _same_result(reference_run, cut)
+    _same_result(references.run(), cut)
 
 
 MATRIX = {**{k: v for k, v in TINY.items() if k != "PRUNING_TARGET_SPARSITY"},
@@ -91,21 +82,58 @@ MATRIX = {**{k: v for k, v in TINY.items() if k != "PRUNING_TARGET_SPARSITY"},
           "MATRIX_OPTIMIZER_SGD": "y", "MATRIX_JOBS": "2", "MAX_ITERS": "600", "TRAIN_EVAL_INTERVAL": "100"}
 
 
+class _References:
+    """The uninterrupted runs the tests compare with, all started at once in the background
+    (one thread per process: they share the cores with the tests' own runs, much of which
+    use one core): a single run of TINY and the 2-cell MATRIX. run() / matrix() wait for
+    one, check it succeeded and give its directory."""
+
+    def __init__(self, d):
+        (d / "run").mkdir()
+        (d / "matrix").mkdir()
+        run_cfg = write_config(d / "run", TINY)
+        matrix_cfg = write_config(d / "matrix", {**MATRIX, "RUN_RESULTS_DIR": str(d / "matrix" / "results")},
+                                  defconfig="signals")
+        self.dir, self.out = d, {}
+        self.procs = {"run": _popen(["run", "--config", str(run_cfg), "--run-dir", str(d / "run" / "ref")]),
+                      "matrix": _popen(["run", "--config", str(matrix_cfg)])}
+
+    def _finished(self, name):
+        proc = self.procs[name]
+        if proc.returncode is None:
+            self.out[name], _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, self.out[name]
+
+    def run(self):
+        self._finished("run")
+        return self.dir / "run" / "ref"
+
+    def matrix(self):
+        self._finished("matrix")
+        (mdir,) = (self.dir / "matrix" / "results").iterdir()
+        return mdir
+
+    def stop(self):
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()  # a matrix runner's cells die with it
+                proc.communicate()
+
+
 @pytest.fixture(scope="module")
-def reference_matrix(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref")
-    cfg = write_config(d, {**MATRIX, "RUN_RESULTS_DIR": str(d / "results")}, defconfig="signals")
-    r = cli("run", "--config", str(cfg))
-    assert r.returncode == 0, r.stdout + r.stderr
-    (mdir,) = (d / "results").iterdir()
-    return mdir
+def references(tmp_path_factory):
+    refs = _References(tmp_path_factory.mktemp("ref"))
+    try:
+        yield refs
+    finally:
+        refs.stop()
 
 
 def _cells(mdir):
     return sorted(p.name for p in mdir.iterdir() if (p / "cell.json").exists())
 
 
-def test_sigusr2_to_one_cell_marks_it_interrupted_and_continue_resumes_it_exactly(tmp_path, reference_matrix):
+def test_sigusr2_to_one_cell_marks_it_interrupted_and_continue_resumes_it_exactly(tmp_path, references):
     cfg = write_config(tmp_path, {**MATRIX, "RUN_RESULTS_DIR": str(tmp_path / "results")}, defconfig="signals")
     runner = _popen(["run", "--config", str(cfg)])
     results = tmp_path / "results"
@@ -125,11 +153,12 @@ def test_sigusr2_to_one_cell_marks_it_interrupted_and_continue_resumes_it_exactl
     assert cont.returncode == 0, cont.stdout + cont.stderr
     assert "start  lenet5_sgd_none_s1 (resuming from last.pt)" in cont.stdout
     assert "lenet5_adamw_none_s1" not in cont.stdout.split("cells already finished")[1].split("summary")[0]
+    reference_matrix = references.matrix()
     for name in _cells(reference_matrix):
         _same_result(reference_matrix / name, cell.parent / name)
 
 
-def test_ctrl_c_stops_the_runner_and_its_cells_with_one_line_each(tmp_path, reference_matrix):
+def test_ctrl_c_stops_the_runner_and_its_cells_with_one_line_each(tmp_path, references):
     cfg = write_config(tmp_path, {**MATRIX, "RUN_RESULTS_DIR": str(tmp_path / "results")}, defconfig="signals")
     runner = _popen(["run", "--config", str(cfg)], start_new_session=True)  # its own process group
     results = tmp_path / "results"
@@ -151,6 +180,7 @@ def test_ctrl_c_stops_the_runner_and_its_cells_with_one_line_each(tmp_path, refe
     cont = cli("continue", "--results", str(results))
     assert cont.returncode == 0, cont.stdout + cont.stderr
     assert cont.stdout.count("(resuming from last.pt)") == 2
+    reference_matrix = references.matrix()
     for name in _cells(reference_matrix):
         _same_result(reference_matrix / name, mdir / name)
 
