@@ -48,7 +48,9 @@ def test_gpt2_tiny_on_shakespeare_validation_loss_falls(tmp_path):
     assert (tmp_path / "data" / "tokens" / "shakespeare-200000" / "meta.json").exists()
 
 
-def _ddp_run(tmp_path, nproc):
+def _ddp_start(tmp_path, nproc):
+    """The run with NPROC=nproc started in the background; a function that waits for it
+    and gives its metrics rows and run directory."""
     cmd = [sys.executable, "-m", "adamwprune", "run", "--config", str(ROOT / "gpt2" / "defconfigs" /
                                                                      "gpt2-shakespeare-tiny")]
     for k, v in {"DATASET": "synthetic", "MAX_ITERS": "4", "TRAIN_EVAL_INTERVAL": "2", "BATCH_SIZE": "8",
@@ -56,14 +58,28 @@ def _ddp_run(tmp_path, nproc):
                  "GPT2_BLOCK_SIZE": "32", "TRAIN_EVAL_BATCHES": "2"}.items():
         cmd.append(f"--override={k}={v}")
     run_dir = tmp_path / f"n{nproc}"
-    r = subprocess.run(cmd + ["--run-dir", str(run_dir)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()], run_dir
+    proc = subprocess.Popen(cmd + ["--run-dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+    def finished():
+        try:
+            out, _ = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, out[-4000:]
+        return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()], run_dir
+    return finished
 
 
 def test_two_process_gloo_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    one, _ = _ddp_run(tmp_path, 1)
-    two, run_dir = _ddp_run(tmp_path, 2)
+    # both at once: one thread per process, and the 1-process run mostly overlaps the 2-rank one
+    one_finished, two_finished = _ddp_start(tmp_path, 1), _ddp_start(tmp_path, 2)
+    try:
+        two, run_dir = two_finished()
+    finally:
+        one, _ = one_finished()
     assert [r["step"] for r in one] == [r["step"] for r in two] == [2, 4]
     for a, b in zip(one, two):
         for key in ("train_loss", "val_loss", "test_loss", "sparsity"):
