@@ -170,10 +170,30 @@ def _write_config(tmp_path, **extra):
 
 
 def test_kill_9_then_continue_finishes_the_run_in_place(tmp_path):
-    cfg_path = _write_config(tmp_path, MAX_ITERS="240", CHECKPOINT_INTERVAL="20", TRAIN_EVAL_INTERVAL="60")
-    ref = cli("run", "--config", str(cfg_path), "--run-dir", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr
+    cfg_path = _write_config(tmp_path, MAX_ITERS="240", CHECKPOINT_INTERVAL="20", TRAIN_EVAL_INTERVAL="60",
+                             RUN_THREADS="1")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the uninterrupted reference runs alongside (one thread each: they share the cores)
+    ref = subprocess.Popen([sys.executable, "-m", "adamwprune", "run", "--config", str(cfg_path),
+                            "--run-dir", str(tmp_path / "ref")], cwd=ROOT, env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _kill_9_and_continue(tmp_path, cfg_path, env)
+        out, _ = ref.communicate(timeout=300)
+        assert ref.returncode == 0, out
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.communicate()
+    results = tmp_path / "results"
+    (run,) = results.iterdir()
+    a = json.loads((tmp_path / "ref" / "final.json").read_text())
+    b = json.loads((run / "final.json").read_text())
+    for key in ("best_val_metric", "test_metric_at_best", "final_sparsity", "steps", "best_step"):
+        assert a[key] == b[key], key
+
+
+def _kill_9_and_continue(tmp_path, cfg_path, env):
     proc = subprocess.Popen([sys.executable, "-m", "adamwprune", "run", "--config", str(cfg_path)], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -189,10 +209,6 @@ def test_kill_9_then_continue_finishes_the_run_in_place(tmp_path):
     assert cont.returncode == 0, cont.stderr
     assert "resumed at step" in cont.stdout
     assert list(results.iterdir()) == runs  # same directory, nothing new
-    a = json.loads((tmp_path / "ref" / "final.json").read_text())
-    b = json.loads((runs[0] / "final.json").read_text())
-    for key in ("best_val_metric", "test_metric_at_best", "final_sparsity", "steps", "best_step"):
-        assert a[key] == b[key], key
     assert cli("continue", "--results", str(results)).stdout.startswith("nothing to continue")
 
 
