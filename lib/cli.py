@@ -288,12 +288,17 @@ def evaluate_run(run_dir: Path, data_dir: Optional[str] = None, dataset: Optiona
 # ----------------------------------------------------------- direct scripts
 def direct_main(model: str, argv: Sequence[str]) -> int:
     """`python <model>/train.py --flags`: the flags become overrides of the model's defconfig."""
+    from .optim.adamwprune import BASES
+    from .registry import OPTIMIZERS, PRUNERS, VARIANTS
+
     p = argparse.ArgumentParser(prog=f"{model}/train.py", description=f"Train {model} without Kconfig.")
-    p.add_argument("--optimizer", help="sgd, adam, adamw, adamwadv, adamwspam, adamwprune")
-    p.add_argument("--pruning-method", help="none, magnitude, movement, state (state needs adamwprune)")
+    p.add_argument("--optimizer", help=", ".join(OPTIMIZERS))
+    p.add_argument("--pruning-method", help=", ".join(
+        n + (f" (needs {'/'.join(i.requires_optimizer)})" if i.requires_optimizer else "")
+        for n, i in PRUNERS.items()))
     p.add_argument("--target-sparsity", type=float, help="fraction of prunable weights to zero, e.g. 0.7")
-    p.add_argument("--adamwprune-base", help="adamw, adamwspam, adam, adamwadv")
-    p.add_argument("--variant", help="AdamWPrune importance score: bitter0, bitter1, bitter2")
+    p.add_argument("--adamwprune-base", help=", ".join(BASES))
+    p.add_argument("--variant", help="AdamWPrune importance score: " + ", ".join(VARIANTS))
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-iters", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int)

@@ -17,15 +17,22 @@ from typing import Any, Iterable, Mapping, Optional
 
 import kconfiglib
 
-from .registry import DISTRIBUTIONS, OPTIMIZERS, PATTERN_KINDS, PRUNERS
+from .registry import DISTRIBUTIONS, MODELS, OPTIMIZERS, PATTERN_KINDS, PRUNERS, VARIANTS
 
 from .paths import ROOT  # the checkout (Kconfig lives here)
 
 # The matrix axes whose values are registry names: one MATRIX_<AXIS>_<NAME> selection each.
 REGISTRY_AXES: dict[str, tuple[str, ...]] = {
-    "optimizer": tuple(OPTIMIZERS), "pruning": tuple(PRUNERS),
+    "model": MODELS, "optimizer": tuple(OPTIMIZERS), "pruning": tuple(PRUNERS),
     "pattern": tuple(PATTERN_KINDS), "distribution": tuple(sorted(DISTRIBUTIONS)),
+    "variant": VARIANTS,
 }
+
+
+def _axis_fields(*axes: str) -> tuple["Field", ...]:
+    """One selection per registry entry, read by matrix.matrix_axes as matrix_<axis>_<name>."""
+    return tuple(Field(f"matrix_{axis}_{name}", f"MATRIX_{axis.upper()}_{name.upper()}", "bool")
+                 for axis in axes for name in REGISTRY_AXES[axis])
 
 
 class ConfigError(ValueError):
@@ -140,15 +147,10 @@ FIELDS: tuple[Field, ...] = (
     _float("srste_decay", "SRSTE_DECAY", 0.0, 1e3),
     # test matrix
     Field("matrix", "MATRIX", "bool"),
-    *(Field(f"matrix_model_{m}", f"MATRIX_MODEL_{m.upper()}", "bool")
-      for m in ("lenet5", "resnet18", "resnet50", "gpt2")),
-    # one selection per registry entry (adamwprune.registry: the one list of names),
-    # read by matrix.matrix_axes as matrix_<axis>_<name>
-    *(Field(f"matrix_{axis}_{name}", f"MATRIX_{axis.upper()}_{name.upper()}", "bool")
-      for axis, names in REGISTRY_AXES.items() for name in names),
+    # one selection per registry entry (adamwprune.registry: the one list of names)
+    *_axis_fields("model", "optimizer", "pruning", "pattern", "distribution"),
     *(Field(f"matrix_sparsity_{s}", f"MATRIX_SPARSITY_{s}", "bool") for s in (50, 70, 90, 95, 99)),
-    *(Field(f"matrix_variant_{v}", f"MATRIX_VARIANT_{v.upper()}", "bool")
-      for v in ("bitter0", "bitter1", "bitter2")),
+    *_axis_fields("variant"),
     Field("matrix_seeds", "MATRIX_SEEDS", "int"),
     Field("matrix_seed_list", "MATRIX_SEED_LIST", "str"),
     Field("matrix_sweep", "MATRIX_SWEEP", "str"),

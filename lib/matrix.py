@@ -65,16 +65,13 @@ def matrix_axes(cfg) -> dict:
              else [cfg.seed + i for i in range(cfg.matrix_seeds or 1)])
     picked = lambda axis: [n for n in REGISTRY_AXES[axis] if getattr(cfg, f"matrix_{axis}_{n}")]
     return {
-        "models": _picked([("lenet5", cfg.matrix_model_lenet5), ("resnet18", cfg.matrix_model_resnet18),
-                           ("resnet50", cfg.matrix_model_resnet50), ("gpt2", cfg.matrix_model_gpt2)]),
-        "optimizers": picked("optimizer"), "prunings": picked("pruning"),
+        "models": picked("model"), "optimizers": picked("optimizer"), "prunings": picked("pruning"),
         "patterns": picked("pattern"), "distributions": picked("distribution"),
         "nm": (cfg.nm_n or 2, cfg.nm_m or 4),
         "sparsities": _picked([(0.5, cfg.matrix_sparsity_50), (0.7, cfg.matrix_sparsity_70),
                                (0.9, cfg.matrix_sparsity_90), (0.95, cfg.matrix_sparsity_95),
                                (0.99, cfg.matrix_sparsity_99)]),
-        "variants": _picked([("bitter0", cfg.matrix_variant_bitter0), ("bitter1", cfg.matrix_variant_bitter1),
-                             ("bitter2", cfg.matrix_variant_bitter2)]),
+        "variants": picked("variant"),
         "seeds": seeds,
     }
 

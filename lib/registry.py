@@ -13,9 +13,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .optim.importance import IMPORTANCE as _IMPORTANCE
 from .pruning.patterns import DISTRIBUTIONS as _DISTRIBUTIONS
 
 
+# The models: each is a folder <name>/ with train.py (its TASK), Kconfig and defconfigs.
+MODELS = ("lenet5", "resnet18", "resnet50", "gpt2")
+# AdamWPrune's importance scores (adamwprune.optim.importance.IMPORTANCE).
+VARIANTS = tuple(_IMPORTANCE)
 # Pattern kinds of a matrix axis: "nm" stands for the N:M of PRUNING_NM_N/M.
 PATTERN_KINDS = ("unstructured", "nm")
 DISTRIBUTIONS = _DISTRIBUTIONS  # layer densities of dynamic sparse training

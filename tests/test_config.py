@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import kconfiglib
 import pytest
 
 from adamwprune import config as C
@@ -131,9 +132,14 @@ def test_kconfig_names_are_the_registry_names():
     """Kconfig's menus and the registries name the same optimizers, pruning methods,
     patterns and distributions, both ways: a registry entry with no Kconfig symbol (or
     the reverse) fails here, not at a user's `make`."""
-    from adamwprune.registry import DISTRIBUTIONS, OPTIMIZERS, PATTERN_KINDS, PRUNERS
+    from adamwprune.registry import DISTRIBUTIONS, MODELS, OPTIMIZERS, PATTERN_KINDS, PRUNERS, VARIANTS
 
     kconf = C.load_kconfig()
+    assert _choice_members(kconf, "MODEL") == [f"MODEL_{m.upper()}" for m in MODELS]
+    assert _choice_members(kconf, "ADAMWPRUNE_VARIANT") == [f"ADAMWPRUNE_VARIANT_{v.upper()}" for v in VARIANTS]
+    assert all((ROOT / m / "train.py").is_file() for m in MODELS)
+    from adamwprune.optim.adamwprune import BASES
+    assert sorted(_choice_members(kconf, "ADAMWPRUNE_BASE")) == sorted(f"ADAMWPRUNE_BASE_{b.upper()}" for b in BASES)
     assert _choice_members(kconf, "OPTIMIZER") == [f"OPTIMIZER_{o.upper()}" for o in OPTIMIZERS]
     assert _choice_members(kconf, "PRUNING") == [f"PRUNING_{p.upper()}" for p in PRUNERS]
     assert _choice_members(kconf, "PRUNING_PATTERN") == [f"PRUNING_PATTERN_{p.upper()}" for p in PATTERN_KINDS]
@@ -144,6 +150,20 @@ def test_kconfig_names_are_the_registry_names():
         prefix = f"MATRIX_{axis.upper()}_"
         in_kconfig = {s[len(prefix):].lower() for s in matrix if s.startswith(prefix)}
         assert in_kconfig == set(names), (axis, in_kconfig ^ set(names))
+
+
+def test_matrix_switch_sits_beside_its_choice_entry():
+    """A model, optimizer or pruning method is one Kconfig file: its MATRIX_<KIND>_<NAME>
+    switch is defined in the file of its <KIND>_<NAME> choice entry, and defaults to it."""
+    kconf = C.load_kconfig()
+    for kind in ("MODEL", "OPTIMIZER", "PRUNING"):
+        members = _choice_members(kconf, kind)
+        assert members
+        for entry in members:
+            switch = kconf.syms.get(f"MATRIX_{entry}")
+            assert switch is not None and switch.nodes, f"MATRIX_{entry} is not defined"
+            assert {n.filename for n in switch.nodes} == {kconf.syms[entry].nodes[0].filename}, entry
+            assert any(entry in kconfiglib.expr_str(cond) for _, cond in switch.defaults), entry
 
 
 def test_pruning_dynamic_mirrors_the_registry():
