@@ -89,13 +89,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # `exec`: the shell make starts becomes the trainer, so the trainer's parent is make
-# and a killed make takes it along (lib/locks.py, die_with_parent).
+# and a killed make takes it along (lib/run/locks.py, die_with_parent).
 all: $(STAMP)
 	exec $(PY) -m adamwprune run --config $(CONFIG) $(OVERRIDES) --set '$(SET)'
 
 demo: $(STAMP)
 	@mkdir -p $(dir $(DEMO_CONFIG))
-	$(PY) -m adamwprune.kconfig_cli --config $(DEMO_CONFIG) defconfig lenet5-demo
+	$(PY) -m adamwprune.config.cli --config $(DEMO_CONFIG) defconfig lenet5-demo
 	exec $(PY) -m adamwprune run --config $(DEMO_CONFIG) $(OVERRIDES) --set '$(SET)'
 	$(PY) -m adamwprune.graphs --run
 
@@ -104,22 +104,22 @@ check test: $(STAMP)
 
 defconfig: $(STAMP)
 	@test -n "$(DEFCONFIG)" || { echo "usage: make defconfig DEFCONFIG=<name> (make list-defconfigs)"; exit 2; }
-	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) defconfig $(DEFCONFIG) $(OVERRIDES) --set '$(SET)'
+	$(PY) -m adamwprune.config.cli --config $(CONFIG) defconfig $(DEFCONFIG) $(OVERRIDES) --set '$(SET)'
 
 defconfig-%: $(STAMP)
-	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) defconfig $* $(OVERRIDES) --set '$(SET)'
+	$(PY) -m adamwprune.config.cli --config $(CONFIG) defconfig $* $(OVERRIDES) --set '$(SET)'
 
 list-defconfigs: $(STAMP)
-	@$(PY) -m adamwprune.kconfig_cli list
+	@$(PY) -m adamwprune.config.cli list
 
 menuconfig: $(STAMP)
-	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) menuconfig
+	$(PY) -m adamwprune.config.cli --config $(CONFIG) menuconfig
 
 olddefconfig: $(STAMP)
-	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) olddefconfig
+	$(PY) -m adamwprune.config.cli --config $(CONFIG) olddefconfig
 
 savedefconfig: $(STAMP)
-	$(PY) -m adamwprune.kconfig_cli --config $(CONFIG) savedefconfig defconfig
+	$(PY) -m adamwprune.config.cli --config $(CONFIG) savedefconfig defconfig
 
 prepare-data: $(STAMP)
 	$(PY) gpt2/train.py prepare --config $(CONFIG) $(OVERRIDES)
@@ -136,16 +136,16 @@ status: $(STAMP)
 	@$(PY) -m adamwprune status --config $(CONFIG) $(OVERRIDES) --set '$(SET)' $(if $(DIR),--dir $(DIR))
 
 summary: $(STAMP)
-	$(PY) -m adamwprune.summary $(DIR)
+	$(PY) -m adamwprune.report.summary $(DIR)
 
 claims: $(STAMP)
-	$(PY) -m adamwprune.claims $(CLAIMS_ARGS)
+	$(PY) -m adamwprune.report.claims $(CLAIMS_ARGS)
 
 update-graphs: $(STAMP)
 	$(PY) -m adamwprune.graphs $(DIR)
 
 trackio-view: $(STAMP)
-	$(PY) -m adamwprune.tracking view --dir results/trackio $(if $(MODEL),--model $(MODEL))
+	$(PY) -m adamwprune.report.tracking view --dir results/trackio $(if $(MODEL),--model $(MODEL))
 
 trackio-test: $(STAMP)
 	$(PY) scripts/tracker_test.py trackio --dir results

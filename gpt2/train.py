@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adamwprune.config import resolve_path
+from adamwprune.config.kconfig import resolve_path
 from adamwprune.data import chars, tokens
 from adamwprune.models.gpt2 import GPT, PADDED_VOCAB, gpt_config
-from adamwprune.tasks import Splits, perplexity
+from adamwprune.engine.tasks import Splits, perplexity
 
 DEFAULT_EVAL_BATCHES = 20  # fixed, deterministic windows per split when TRAIN_EVAL_BATCHES=0
 
@@ -127,7 +127,7 @@ def prepare_main(argv=None) -> int:
     """`make prepare-data`: tokenize the source .config names."""
     import argparse
 
-    from adamwprune.config import ConfigError, load
+    from adamwprune.config.kconfig import ConfigError, load
 
     p = argparse.ArgumentParser(prog="gpt2/train.py prepare")
     p.add_argument("--config", default=".config")

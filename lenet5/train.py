@@ -6,10 +6,10 @@ Run through Kconfig (`make defconfig DEFCONFIG=lenet5 && make`) or directly:
 """
 import sys
 
-from adamwprune.config import resolve_path
+from adamwprune.config.kconfig import resolve_path
 from adamwprune.data import mnist
 from adamwprune.models.lenet5 import LeNet5
-from adamwprune.tasks import ClassificationTask, Splits
+from adamwprune.engine.tasks import ClassificationTask, Splits
 
 
 class LeNet5Task(ClassificationTask):

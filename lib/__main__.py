@@ -1,10 +1,10 @@
 import sys
 
-from . import signals
+from .engine import signals
 from .cli import main
 
 # A command-line process keeps its stop handlers until it exits, then ignores stop
-# signals while the interpreter shuts down (see adamwprune.signals).
+# signals while the interpreter shuts down (see adamwprune.engine.signals).
 signals.install()
 code = main()
 signals.ignore_from_now()

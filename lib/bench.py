@@ -23,7 +23,7 @@ Four figures, measured side by side in one process on the current device:
   mask updates take when amortised at the default interval (Kconfig
   ``PRUNING_INTERVAL``), over a cubic ramp of RAMP_UPDATES updates. Exact top-k
   (k = round(s * N)) for every method; no sampling decides what is pruned.
-* engine ratio: steps/s of ``adamwprune.engine.Trainer`` (memory sampler,
+* engine ratio: steps/s of ``adamwprune.engine.trainer.Trainer`` (memory sampler,
   progress output, metrics and checkpoints at its evaluation, tracker none) /
   steps/s of a bare PyTorch loop over the same task, model, data, optimizer
   and pruner. The engine's rate is differential (two runs of different
@@ -53,8 +53,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import config as kconfig
-from .atomic import write_text_atomic
+from .config import kconfig
+from .run.atomic import write_text_atomic
 from .memory import optimizer_state_bytes, pruning_buffer_bytes
 from .optim import cpu_kernels
 from .optim.adamwprune import AdamWPrune
@@ -361,7 +361,7 @@ def _engine_cfg(device: torch.device, steps: int):
 
 def _engine_seconds(device: torch.device, steps: int) -> float:
     from .cli import load_task
-    from .engine import Trainer
+    from .engine.trainer import Trainer
 
     cfg = _engine_cfg(device, steps)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
@@ -374,7 +374,7 @@ def _engine_seconds(device: torch.device, steps: int) -> float:
 def _bare_seconds(device: torch.device, first: int, steps: int) -> float:
     """A plain loop on the engine's own objects: same task, model, data, optimizer, pruner."""
     from .cli import load_task
-    from .engine import Budget, seed_everything
+    from .engine.trainer import Budget, seed_everything
     from .registry import build_optimizer, build_pruner
 
     cfg = _engine_cfg(device, first + steps)
@@ -415,7 +415,7 @@ def bench_engine(device: torch.device, short: int, long: int, rounds: int) -> di
 
 # ------------------------------------------------------------------ report
 def environment(device: torch.device) -> dict:
-    from .rundir import environment as machine
+    from .run.rundir import environment as machine
 
     kernels = cpu_kernels.load()
     return {**machine(device), "kernels": str(kernels.path) if kernels else cpu_kernels.load_error(),

@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import checkpoint as ckpt
-from . import pinned, signals
-from .atomic import DiskFullError, write_text_atomic
-from .config import ROOT, ConfigError, load, parse_set
-from .locks import HELD_ENV, LockBusy, die_with_parent, lock_run
-from .rundir import new_run_path, read_json, run_name
+from .run import checkpoint as ckpt
+from .config import pinned
+from .engine import signals
+from .run.atomic import DiskFullError, write_text_atomic
+from .config.kconfig import ROOT, ConfigError, load, parse_set
+from .run.locks import HELD_ENV, LockBusy, die_with_parent, lock_run
+from .run.rundir import new_run_path, read_json, run_name
 
 # Exit statuses a matrix runner reads to judge a cell (matrix._finish).
 EXIT_USAGE, EXIT_DIVERGED, EXIT_CORRUPT_CHECKPOINT, EXIT_DISK_FULL = 2, 3, 4, 5
@@ -85,8 +86,8 @@ def parse_overrides(items: Sequence[str], set_text: str = "") -> list[tuple[str,
 def train(config_path: Path, overrides: list[tuple[str, str]], run_dir: Optional[Path] = None,
           resume: bool = False, accept_changes: bool = False) -> int:
     """`make`: a matrix when the config selects more than one cell, else one run."""
-    from . import matrix
-    from .notes import print_override_effects
+    from .run import matrix
+    from .config.notes import print_override_effects
 
     cfg, _, _ = load(config_path, dict(overrides))
     if run_dir is None and not resume:
@@ -139,7 +140,7 @@ def train_one(config_path: Optional[Path], overrides: list[tuple[str, str]], run
 
 
 def _fit(cfg, run_dir: Path, resume: bool, config_text: str, overrides) -> int:
-    from .engine import STATUS_COMPLETED, STATUS_INTERRUPTED, Trainer
+    from .engine.trainer import STATUS_COMPLETED, STATUS_INTERRUPTED, Trainer
 
     task = load_task(cfg.model)
     trainer = Trainer(task, cfg, run_dir, config_text=config_text,
@@ -213,7 +214,7 @@ def _torchrun(cmd: list, run_dir: Path) -> int:
 def find_unfinished(results: Path) -> Optional[Path]:
     """The newest unfinished run directory or matrix directory under results/ (by
     creation time, which the timestamped names also sort by)."""
-    from . import matrix
+    from .run import matrix
 
     candidates = [p.parent for p in Path(results).glob("*/last.pt") if read_json(p.parent / "final.json") is None]
     for mdir in Path(results).glob("*/matrix.json"):
@@ -242,9 +243,9 @@ def continue_target(run: Path, rerun_failed: bool = False, accept_changes: bool 
     root = root or ROOT
     print(f"continuing {run}", flush=True)
     if (run / "matrix.json").exists():
-        from . import matrix
+        from .run import matrix
         from .launch import slurm
-        from .matrix import run as run_matrix
+        from .run.matrix import run as run_matrix
 
         extra = list(launcher_set) + ([("LAUNCHER", launcher)] if launcher else [])
         if slurm.is_slurm_matrix(run):
@@ -280,7 +281,7 @@ def results_root(config: Optional[str], overrides: Sequence[str], set_text: str,
 
 # ------------------------------------------------------------------ evaluate
 def evaluate_run(run_dir: Path, data_dir: Optional[str] = None, dataset: Optional[str] = None) -> dict:
-    from .evaluate import evaluate_run as evaluate
+    from .run.evaluate import evaluate_run as evaluate
 
     return evaluate(run_dir, data_dir, dataset)
 
@@ -384,12 +385,12 @@ def _dispatch(args) -> int:
         return train(Path(args.config), parse_overrides(args.override, args.set), run_dir=args.run_dir,
                      resume=args.resume, accept_changes=args.accept_config_changes)
     if args.cmd == "dry-run":
-        from .matrix import dry_run
+        from .run.matrix import dry_run
 
         return dry_run(Path(args.config), parse_overrides(args.override, args.set))
     if args.cmd == "status":
-        from .matrix import status
-        from .rundir import latest_matrix
+        from .run.matrix import status
+        from .run.rundir import latest_matrix
 
         results = None if args.dir else _results(args)
         mdir = args.dir or latest_matrix(results)

@@ -6,7 +6,7 @@
 import sys
 
 from adamwprune.models.resnet import resnet18_cifar
-from adamwprune.tasks import CifarTask
+from adamwprune.engine.tasks import CifarTask
 
 TASK = CifarTask("resnet18", "cifar10", 10, lambda cfg: resnet18_cifar(num_classes=10))
 

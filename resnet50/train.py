@@ -6,7 +6,7 @@
 import sys
 
 from adamwprune.models.resnet import resnet50_cifar
-from adamwprune.tasks import CifarTask
+from adamwprune.engine.tasks import CifarTask
 
 TASK = CifarTask("resnet50", "cifar100", 100,
                  lambda cfg: resnet50_cifar(num_classes=100, stem=cfg.resnet50_stem))

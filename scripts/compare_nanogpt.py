@@ -84,7 +84,7 @@ def prepare_nanogpt_data(nanogpt: Path, text: Path) -> None:
 
 def our_config(tmp: Path, max_iters: int) -> tuple[Path, Path]:
     """The preset as a .config in tmp, and the text file it names."""
-    from adamwprune import config as C
+    from adamwprune.config import kconfig as C
 
     path = tmp / "ours.config"
     kconf = C.load_kconfig()
@@ -118,7 +118,7 @@ def run_nanogpt(nanogpt: Path, out: Path, max_iters: int, env: dict) -> dict:
 def our_loss_of(ckpt_path: Path, config: Path) -> tuple[int, float]:
     """(iteration, validation loss) of a nanoGPT checkpoint under our evaluation."""
     import torch
-    from adamwprune import config as C
+    from adamwprune.config import kconfig as C
     from adamwprune.cli import load_task
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -141,9 +141,9 @@ def interleaved(nanogpt: Path, config: Path, blocks: int, threads: int) -> dict:
     Trainer.train_step, timed in alternating blocks in this process."""
     import numpy as np
     import torch
-    from adamwprune import config as C
+    from adamwprune.config import kconfig as C
     from adamwprune.cli import load_task
-    from adamwprune.engine import Trainer
+    from adamwprune.engine.trainer import Trainer
 
     if threads:
         torch.set_num_threads(threads)

@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from adamwprune.claims import matrix_of
-from adamwprune.config import ROOT, ConfigError, resolve_path
+from adamwprune.report.claims import matrix_of
+from adamwprune.config.kconfig import ROOT, ConfigError, resolve_path
 from adamwprune.graphs import update_graphs
 
 FIGURES = {

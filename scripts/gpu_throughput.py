@@ -45,7 +45,7 @@ def run_case(name: str, steps: int, work: Path, device: str, extra: dict) -> dic
     defconfig, overrides = CASES[name]
     cfg = work / f"{name}.config"
     results = work / name
-    subprocess.run([sys.executable, "-m", "adamwprune.kconfig_cli", "--config", str(cfg),
+    subprocess.run([sys.executable, "-m", "adamwprune.config.cli", "--config", str(cfg),
                     "defconfig", defconfig], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     sets = {"DATASET": "synthetic", "MAX_ITERS": str(steps), "DEVICE": device}
     symbols = {"RUN_RESULTS_DIR": str(results), "TRAIN_EVAL_INTERVAL": str(steps),

@@ -25,7 +25,7 @@ def run_preset(preset: str, out: Path) -> Path:
     if (run_dir / "final.json").is_file():
         return run_dir
     py = [sys.executable, "-m"]
-    subprocess.run(py + ["adamwprune.kconfig_cli", "--config", str(config), "defconfig", preset],
+    subprocess.run(py + ["adamwprune.config.cli", "--config", str(config), "defconfig", preset],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     subprocess.run(py + ["adamwprune", "run", "--config", str(config), "--run-dir", str(run_dir)],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)

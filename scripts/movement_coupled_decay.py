@@ -19,7 +19,7 @@ import json
 import torch
 
 from adamwprune import MovementPruner, param_groups
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task
 
 

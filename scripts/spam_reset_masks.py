@@ -21,7 +21,7 @@ import json
 import torch
 
 from adamwprune import AdamWSpam, param_groups, prunable_parameters
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task
 from adamwprune.optim.importance import hybrid_score, magnitude_score
 from adamwprune.pruning import prune_masks

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from adamwprune.tracking import (ROOT, TRACKERS, TrackerError, TrackerUnavailable, build_trackers,
+from adamwprune.report.tracking import (ROOT, TRACKERS, TrackerError, TrackerUnavailable, build_trackers,
                                  final_to_metrics, project_name, row_to_metrics)
 
 TARGET_SPARSITY = 0.9
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         return 1
     print(f"logged {args.steps} steps to {args.tracker}: project {project}, run {run_name}")
     if store is not None:
-        print(f"view them with: make trackio-view  (or python -m adamwprune.tracking view "
+        print(f"view them with: make trackio-view  (or python -m adamwprune.report.tracking view "
               f"--project {project} --dir {store})")
     return 0
 

@@ -6,8 +6,8 @@ import sys
 import torch
 from torch import nn
 
-from adamwprune import config as C
-from adamwprune.config import ROOT
+from adamwprune.config import kconfig as C
+from adamwprune.config.kconfig import ROOT
 
 
 class Tiny(nn.Module):

@@ -6,10 +6,11 @@ import re
 import pytest
 import torch
 
-from adamwprune import atomic, checkpoint
+from adamwprune.run import atomic
+from adamwprune.run import checkpoint
 from adamwprune import cli as CLI
-from adamwprune.config import ROOT
-from adamwprune.rundir import RunDir, write_json_atomic
+from adamwprune.config.kconfig import ROOT
+from adamwprune.run.rundir import RunDir, write_json_atomic
 from helpers import write_config
 
 
@@ -76,7 +77,7 @@ def test_files_are_renamed_into_place_only_by_the_atomic_module():
     """One atomic-write helper: no other module renames temporary files itself. Exceptions:
     the token shard writer streams gigabytes into its own temporary files, and the C
     compiler writes a kernel library's shared object into a temporary directory."""
-    allowed = {ROOT / "lib" / "atomic.py", ROOT / "lib" / "data" / "tokens.py",
+    allowed = {ROOT / "lib" / "run" / "atomic.py", ROOT / "lib" / "data" / "tokens.py",
                ROOT / "lib" / "native" / "__init__.py"}
     offenders = [p.relative_to(ROOT) for p in (ROOT / "lib").rglob("*.py")
                  if p not in allowed and re.search(r"os\.replace\(|\.replace\(out\)|\.rename\(", p.read_text())]

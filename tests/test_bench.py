@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from adamwprune.bench import TARGET
-from adamwprune.config import ROOT
+from adamwprune.config.kconfig import ROOT
 from adamwprune.optim import cpu_kernels
 
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from adamwprune import cli as CLI
-from adamwprune import matrix
+from adamwprune.run import matrix
 from helpers import write_config
 
 BASE = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "64", "BATCH_SIZE": "16",

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task
-from adamwprune.config import ROOT
+from adamwprune.config.kconfig import ROOT
 from adamwprune.data import chars
 from adamwprune.data.tokens import DataPrepError, TokenData
 from helpers import cli

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from adamwprune import claims as K
+from adamwprune.report import claims as K
 from test_summary import shared_matrix
 
 
@@ -90,7 +90,7 @@ def test_claims_are_judged_from_a_real_matrix_and_missing_studies_say_how_to_run
 
 
 def test_every_shipped_claim_names_a_shipped_preset():
-    from adamwprune import config as C
+    from adamwprune.config import kconfig as C
 
     presets = {p.name for p in C.list_defconfigs()}
     assert {c.preset for c in K.CLAIMS} <= presets

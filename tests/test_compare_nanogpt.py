@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from adamwprune.config import ROOT
+from adamwprune.config.kconfig import ROOT
 
 # Prints what nanoGPT's train.py prints (its f-strings, verbatim): an eval every 250
 # iterations, 'iter N: ...' lines with 10 ms per iteration except 900 ms where it evaluated.

@@ -7,8 +7,8 @@ import sys
 import kconfiglib
 import pytest
 
-from adamwprune import config as C
-from adamwprune.config import ConfigError, ROOT
+from adamwprune.config import kconfig as C
+from adamwprune.config.kconfig import ConfigError, ROOT
 
 
 def write(tmp_path, text, name="defconfig"):
@@ -106,7 +106,7 @@ def test_missing_config_file_says_how_to_make_one(tmp_path):
 
 def _code_text():
     files = list((ROOT / "lib").rglob("*.py")) + list(ROOT.glob("*/train.py"))
-    return "\n".join(f.read_text() for f in files if f.name != "config.py")
+    return "\n".join(f.read_text() for f in files if f != ROOT / "lib" / "config" / "kconfig.py")
 
 
 def test_every_kconfig_symbol_is_read_by_code():
@@ -121,7 +121,7 @@ def test_every_kconfig_symbol_is_read_by_code():
     unread = [f.name for f in C.FIELDS if f.name not in generated and not re.search(rf"\.{f.name}\b", code)]
     assert not unread, f"Config fields read by no code: {unread}"
     # the registry-generated selections are read by one getattr over REGISTRY_AXES
-    assert 'getattr(cfg, f"matrix_{axis}_{n}")' in (ROOT / "lib" / "matrix.py").read_text()
+    assert 'getattr(cfg, f"matrix_{axis}_{n}")' in (ROOT / "lib" / "run" / "matrix.py").read_text()
 
 
 def _choice_members(kconf, choice: str) -> list[str]:
@@ -179,7 +179,7 @@ def test_pruning_dynamic_mirrors_the_registry():
 
 def test_defconfig_and_savedefconfig_round_trip(tmp_path):
     cfgfile, out = tmp_path / ".config", tmp_path / "defconfig"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "adamwprune.kconfig_cli", "--config", str(cfgfile), *a],
+    run = lambda *a: subprocess.run([sys.executable, "-m", "adamwprune.config.cli", "--config", str(cfgfile), *a],
                                     capture_output=True, text=True, cwd=ROOT)
     r = run("defconfig", "lenet5-demo", "--override=EPOCHS=4")
     assert r.returncode == 0, r.stderr
@@ -196,7 +196,7 @@ def test_defconfig_cli_refuses_unknown_symbol_in_one_line(tmp_path):
     bad = ROOT / "defconfigs" / "zz-test-bad"
     bad.write_text("CONFIG_MODEL_LENET5=y\nCONFIG_TRAIN_EPOCHZ=3\n")
     try:
-        r = subprocess.run([sys.executable, "-m", "adamwprune.kconfig_cli", "--config", str(tmp_path / "c"),
+        r = subprocess.run([sys.executable, "-m", "adamwprune.config.cli", "--config", str(tmp_path / "c"),
                             "defconfig", "zz-test-bad"], capture_output=True, text=True, cwd=ROOT)
     finally:
         bad.unlink()

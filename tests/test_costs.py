@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task
-from adamwprune.costs import flops_per_example, weight_density
-from adamwprune.engine import Trainer
+from adamwprune.report.costs import flops_per_example, weight_density
+from adamwprune.engine.trainer import Trainer
 from helpers import Tiny
 
 # LeNet-5 forward, 2 FLOPs per multiply-add, counted by hand from the layer shapes:

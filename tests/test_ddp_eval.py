@@ -9,17 +9,17 @@ import sys
 import pytest
 import torch
 
-from adamwprune.config import ROOT
+from adamwprune.config.kconfig import ROOT
 from adamwprune.data.base import ArrayData
 
 # One rank of an evaluation of LeNet-5 (seeded initial weights) on the embedded split.
 EVAL = r"""
 import contextlib, json
 import torch
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task
-from adamwprune.distributed import DistContext
-from adamwprune.engine import Trainer
+from adamwprune.engine.distributed import DistContext
+from adamwprune.engine.trainer import Trainer
 
 
 def evaluate(out):

@@ -5,7 +5,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 
-from adamwprune.config import ROOT
+from adamwprune.config.kconfig import ROOT
 
 # ![alt](target "title") and <img src="target">
 _MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")

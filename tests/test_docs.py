@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 
-from adamwprune.config import ROOT
+from adamwprune.config.kconfig import ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN = "run"
@@ -70,7 +70,7 @@ COMMANDS = {
     "make TRACKER=trackio,wandb": TRAINS,
     "make defconfig DEFCONFIG=lenet5 TRACKER=wandb": RUN,
     "make trackio-view": INTERACTIVE,
-    "python -m adamwprune.tracking view [--project NAME | --model MODEL] [--dir DIR] [--no-browser]":
+    "python -m adamwprune.report.tracking view [--project NAME | --model MODEL] [--dir DIR] [--no-browser]":
         "a synopsis, not a command",
     "make trackio-test": "logs a fake run into results/; tests/test_tracking.py runs the script",
     "make wandb-test": "logs a fake run into results/; tests/test_tracking.py runs the script",
@@ -146,7 +146,7 @@ COMMANDS = {
     "make EPOCHS=3 SEED=2": TRAINS,
     "cd lenet5 && ../.venv/bin/python train.py --optimizer adamw --pruning-method movement "
     "--target-sparsity 0.9 --epochs 5": TRAINS,
-    ".venv/bin/python -m adamwprune.kconfig_cli --config /tmp/presets2.<preset> defconfig <preset>":
+    ".venv/bin/python -m adamwprune.config.cli --config /tmp/presets2.<preset> defconfig <preset>":
         "a template over every preset (<preset>)",
     ".venv/bin/python -m adamwprune run --config /tmp/presets2.<preset> --override RUN_RESULTS_DIR=/tmp/presets2":
         TRAINS,

@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task
-from adamwprune.config import ROOT
-from adamwprune.engine import Trainer
+from adamwprune.config.kconfig import ROOT
+from adamwprune.engine.trainer import Trainer
 from helpers import cli, write_config
 
 TINY = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "128", "BATCH_SIZE": "16",
@@ -143,7 +143,7 @@ def test_an_optimizer_error_on_a_nan_step_is_divergence_not_a_crash(tmp_path, mo
 
 
 def test_loss_readback_reads_the_queued_loss_once_and_names_the_step():
-    from adamwprune.engine import DivergedError, LossReadback
+    from adamwprune.engine.trainer import DivergedError, LossReadback
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lb = LossReadback()

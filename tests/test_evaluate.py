@@ -6,11 +6,11 @@ import struct
 import pytest
 import torch
 
-from adamwprune import checkpoint
+from adamwprune.run import checkpoint
 from adamwprune import cli as CLI
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task
-from adamwprune.engine import Trainer
+from adamwprune.engine.trainer import Trainer
 
 TINY = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "64", "BATCH_SIZE": "16",
         "DEVICE": "cpu", "MAX_ITERS": "4", "TRAIN_EVAL_INTERVAL": "2", "RUN_MONITOR_INTERVAL": "0.2",

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, load_model
 
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task, main
-from adamwprune.engine import Trainer
+from adamwprune.engine.trainer import Trainer
 from adamwprune.export import choose_pattern, export_run, read_compressed, write_compressed
 from adamwprune.models.lenet5 import LeNet5
 

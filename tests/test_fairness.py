@@ -8,9 +8,9 @@ from torch import nn
 
 from adamwprune import (AdamWPrune, AdamWSpam, MagnitudePruner, MovementPruner, clip_grad_norm_,
                         param_groups)
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task
-from adamwprune.engine import Trainer
+from adamwprune.engine.trainer import Trainer
 from adamwprune.optim import cpu_kernels
 from adamwprune.optim.adamwprune import pruned_in
 from adamwprune.optim.importance import hybrid_score
@@ -277,7 +277,7 @@ def _counterpart(pairs: dict, cfg) -> dict:
 def _runs_of(path):
     """(file, overrides) of every run a shipped defconfig describes: each matrix cell,
     or the single run."""
-    from adamwprune import matrix
+    from adamwprune.run import matrix
 
     cfg, _, _ = C.load(path)
     if cfg.matrix_tuned_from:
@@ -305,7 +305,7 @@ def test_every_preset_gives_a_base_and_adamwprune_over_it_the_same_hyperparamete
 
 
 def test_summary_notes_movement_under_coupled_decay():
-    from adamwprune.summary import method_notes
+    from adamwprune.report.summary import method_notes
 
     rec = lambda opt, wd, pruning="movement": {"optimizer": opt, "pruning": pruning,
                                                "weight_decay": wd}

@@ -1,7 +1,7 @@
 """FLOPs per forward, dense and non-zero, against hand counts."""
 import torch
 
-from adamwprune.flops import count_flops
+from adamwprune.report.flops import count_flops
 from adamwprune.models.gpt2 import GPT, gpt_config
 from adamwprune.models.lenet5 import LeNet5
 

@@ -205,7 +205,7 @@ def test_make_update_graphs_command_draws_a_matrix_without_sweeps(drawn, tmp_pat
     import subprocess
     import sys
 
-    from adamwprune.config import ROOT
+    from adamwprune.config.kconfig import ROOT
 
     matrix = copy_matrix(drawn[0], tmp_path)
     r = subprocess.run([sys.executable, "-m", "adamwprune.graphs", str(matrix),

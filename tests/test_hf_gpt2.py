@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task
-from adamwprune.config import ROOT
-from adamwprune.engine import Trainer
+from adamwprune.config.kconfig import ROOT
+from adamwprune.engine.trainer import Trainer
 from adamwprune.export import export_run, load_hf, save_hf
 from adamwprune.export.hf_gpt2 import HFConversionError
 from adamwprune.models.gpt2 import GPT, gpt_config

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task
-from adamwprune.config import ROOT
-from adamwprune.engine import Trainer
+from adamwprune.config.kconfig import ROOT
+from adamwprune.engine.trainer import Trainer
 from adamwprune.inference import cpu_kernels
 from adamwprune.inference.bench import bench_run, main
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from adamwprune import config as C
-from adamwprune import matrix
+from adamwprune.config import kconfig as C
+from adamwprune.run import matrix
 from adamwprune.launch import slurm
 from helpers import cli, write_config
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import adamwprune
-from adamwprune.config import ROOT
+from adamwprune.config.kconfig import ROOT
 
 
 def test_public_names_import_from_the_package():

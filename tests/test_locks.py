@@ -10,8 +10,9 @@ import psutil
 import pytest
 
 from adamwprune import cli as CLI
-from adamwprune import locks, matrix
-from adamwprune.config import ROOT
+from adamwprune.run import locks
+from adamwprune.run import matrix
+from adamwprune.config.kconfig import ROOT
 from helpers import write_config
 
 # locks.py loaded by path: a holder process in a fraction of a second (no torch import).
@@ -21,7 +22,7 @@ HOLD = ("import importlib.util, sys, time; spec = importlib.util.spec_from_file_
 
 
 def _holder_process(directory):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(ROOT / "lib" / "locks.py"), str(directory)],
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(ROOT / "lib" / "run" / "locks.py"), str(directory)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc

@@ -8,9 +8,12 @@ import kconfiglib
 import pytest
 
 from adamwprune import cli as CLI
-from adamwprune import config as C
-from adamwprune import kconfig_cli, matrix, monitor, notes
-from adamwprune.config import ROOT
+from adamwprune.config import kconfig as C
+from adamwprune.config import cli as kconfig_cli
+from adamwprune.run import matrix
+from adamwprune import monitor
+from adamwprune.config import notes
+from adamwprune.config.kconfig import ROOT
 from adamwprune.registry import PruneSchedule
 from helpers import write_config
 
@@ -121,7 +124,7 @@ def test_a_gpt2_run_that_cannot_load_its_tokenizer_offline_is_one_line(tmp_path,
 
 
 def test_dynamic_sparse_training_is_warned_only_when_its_masks_never_move():
-    from adamwprune import notes
+    from adamwprune.config import notes
     from adamwprune.registry import PruneSchedule
 
     moving = PruneSchedule(target=0.9, start=0, end=46, interval=20)

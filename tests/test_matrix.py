@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from adamwprune import config as C
-from adamwprune import matrix
-from adamwprune.config import ROOT
+from adamwprune.config import kconfig as C
+from adamwprune.run import matrix
+from adamwprune.config.kconfig import ROOT
 from helpers import cli, write_config
 
 BASE = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "64", "BATCH_SIZE": "16",

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune.cli import load_task
-from adamwprune.engine import Budget, Trainer
+from adamwprune.engine.trainer import Budget, Trainer
 from adamwprune.params import param_groups
 from adamwprune.registry import PRUNERS, build_optimizer, build_pruner
 from torch import nn
@@ -147,7 +147,7 @@ def test_nm_with_n_not_below_m_is_refused():
 
 
 def test_matrix_makes_only_the_cells_each_method_supports():
-    from adamwprune.matrix import expand_base
+    from adamwprune.run.matrix import expand_base
 
     sel = {"MATRIX": "y", "MATRIX_MODEL_LENET5": "y", "MATRIX_OPTIMIZER_ADAMW": "y",
            "MATRIX_OPTIMIZER_ADAMWPRUNE": "y", "MATRIX_PRUNING_NONE": "n", "MATRIX_PRUNING_MAGNITUDE": "y",

@@ -390,7 +390,7 @@ def test_sampler_with_fake_nvml_headlines_our_gpu_memory(tmp_path):
 
 
 def _matrix(tmp_path):
-    """A matrix directory as adamwprune.matrix writes it: done, running and pending cells."""
+    """A matrix directory as adamwprune.run.matrix writes it: done, running and pending cells."""
     root = tmp_path / "20260101-120000_lenet5"
     names = ("adamw_magnitude", "adamwprune_state", "sgd_none")
     for cell in names:

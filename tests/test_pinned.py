@@ -6,9 +6,10 @@ import shutil
 import pytest
 
 from adamwprune import cli as CLI
-from adamwprune import config as C
-from adamwprune import matrix, pinned
-from adamwprune.config import ROOT
+from adamwprune.config import kconfig as C
+from adamwprune.run import matrix
+from adamwprune.config import pinned
+from adamwprune.config.kconfig import ROOT
 from helpers import write_config
 
 BASE = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "64", "BATCH_SIZE": "16",
@@ -66,7 +67,7 @@ def test_accepting_the_change_pins_the_new_values_and_records_it_in_the_matrix(t
     assert entry["changes"] == [["CONFIG_TRAIN_WARMUP_STEPS", 0, 3]] and entry["cells"] == sorted(c.id for c in cells)
     history = json.loads((mdir / cells[0].id / "config.json").read_text())["config_changes"]
     assert history[-1]["changes"] == [["CONFIG_TRAIN_WARMUP_STEPS", 0, 3]]
-    from adamwprune.summary import write_summary
+    from adamwprune.report.summary import write_summary
 
     md = write_summary(mdir)[1].read_text()  # the summary does not compare them as one experiment silently
     assert "Configuration changed on resume" in md and "CONFIG_TRAIN_WARMUP_STEPS 0 -> 3" in md

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from adamwprune import config as C
-from adamwprune import segments
+from adamwprune.config import kconfig as C
+from adamwprune.run import segments
 from adamwprune.cli import load_task
-from adamwprune.engine import Trainer
+from adamwprune.engine.trainer import Trainer
 
 TINY = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "128", "BATCH_SIZE": "16",
         "DEVICE": "cpu", "TRAIN_EVAL_INTERVAL": "8", "RUN_MONITOR_INTERVAL": "0.05", "MAX_ITERS": "24",

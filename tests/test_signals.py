@@ -10,8 +10,8 @@ import psutil
 import pytest
 import torch
 
-from adamwprune.config import ROOT
-from adamwprune.signals import EXIT_INTERRUPTED
+from adamwprune.config.kconfig import ROOT
+from adamwprune.engine.signals import EXIT_INTERRUPTED
 from helpers import cli, write_config
 
 TINY = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "128", "BATCH_SIZE": "16",

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 
-from adamwprune.config import ROOT
+from adamwprune.config.kconfig import ROOT
 from helpers import write_config
 
 CELL = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "128", "BATCH_SIZE": "16",

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from adamwprune import stats
-from adamwprune import summary as S
+from adamwprune.report import stats
+from adamwprune.report import summary as S
 from test_summary import copy_matrix, rec, shared_matrix
 
 

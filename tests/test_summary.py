@@ -6,10 +6,10 @@ import statistics
 
 import pytest
 
-from adamwprune import config as C
-from adamwprune import summary as S
+from adamwprune.config import kconfig as C
+from adamwprune.report import summary as S
 from adamwprune.cli import load_task
-from adamwprune.engine import Trainer
+from adamwprune.engine.trainer import Trainer
 
 TINY = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "64", "BATCH_SIZE": "16",
         "DEVICE": "cpu", "MAX_ITERS": "12", "TRAIN_EVAL_INTERVAL": "4", "RUN_MONITOR_INTERVAL": "0.05"}
@@ -145,7 +145,7 @@ def test_summary_statistics_match_the_run_directories(matrix):
 
 
 def test_summary_md_tabulates_the_test_metric_by_method_and_sparsity(matrix):
-    from adamwprune.summary_sections import by_sparsity_lines
+    from adamwprune.report.sections import by_sparsity_lines
 
     lines = by_sparsity_lines(S.summarize(S.collect(matrix)))
     assert "| method | 0.0% | 50.0% | 70.0% |" in lines

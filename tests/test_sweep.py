@@ -3,13 +3,14 @@ import json
 
 import pytest
 
-from adamwprune import config as C
+from adamwprune.config import kconfig as C
 from adamwprune import graphs as G
-from adamwprune import matrix, sweep
-from adamwprune import summary as S
+from adamwprune.run import matrix
+from adamwprune.config import sweep
+from adamwprune.report import summary as S
 from adamwprune.cli import load_task
-from adamwprune.engine import Trainer
-from adamwprune.kconfig_cli import main as kconfig_main
+from adamwprune.engine.trainer import Trainer
+from adamwprune.config.cli import main as kconfig_main
 from helpers import cli, write_config
 
 TINY = {"MODEL": "lenet5", "DATASET": "synthetic", "DATA_SYNTHETIC_SIZE": "64", "BATCH_SIZE": "16", "DEVICE": "cpu",

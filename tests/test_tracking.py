@@ -20,8 +20,8 @@ import urllib.request
 
 import pytest
 
-from adamwprune import tracking as T
-from adamwprune.tracking import (FanOut, NullTracker, TrackerError, TrackerUnavailable, build_trackers,
+from adamwprune.report import tracking as T
+from adamwprune.report.tracking import (FanOut, NullTracker, TrackerError, TrackerUnavailable, build_trackers,
                                  final_to_metrics, parse_tracker_names, project_name, row_to_metrics,
                                  wandb_credentials, wandb_mode)
 
@@ -399,7 +399,7 @@ def test_trackio_view_serves_the_logged_runs(trackio_results):
     tmp, _ = trackio_results
     store, project = tmp / "results" / "trackio", project_name("tracker-test")
     env = dict(os.environ, PYTHONUNBUFFERED="1", HOME=str(tmp / "home"))
-    view = subprocess.Popen([sys.executable, "-m", "adamwprune.tracking", "view", "--project", project,
+    view = subprocess.Popen([sys.executable, "-m", "adamwprune.report.tracking", "view", "--project", project,
                              "--dir", str(store), "--no-browser"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()

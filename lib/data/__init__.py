@@ -1,0 +1,1 @@
+"""Datasets: MNIST (torchvision idx, embedded, synthetic), CIFAR, GPT-2 token and character shards."""

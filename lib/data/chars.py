@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..atomic import write_bytes_atomic
+from ..run.atomic import write_bytes_atomic
 from .tokens import DataPrepError, read_document
 
 VAL_FRACTION = 0.1     # nanoGPT: val = data[int(n * 0.9):]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..atomic import disk_error, write_text_atomic
+from ..run.atomic import disk_error, write_text_atomic
 from .base import generator_for
 
 # A stream id of its own (prime) keeps token offsets apart from the image

@@ -25,11 +25,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import checkpoint as ckpt
-from ..config import FIELDS, Config
-from ..atomic import replace_directory
+from ..run import checkpoint as ckpt
+from ..config.kconfig import FIELDS, Config
+from ..run.atomic import replace_directory
 from ..params import prunable_parameters
-from ..rundir import read_json, read_jsonl, write_json_atomic
+from ..run.rundir import read_json, read_jsonl, write_json_atomic
 from . import compressed as ct
 
 EXPORT_DIR = "export"
@@ -93,7 +93,7 @@ def eval_device(run_dir: Path, cfg: Config) -> torch.device:
 def evaluate(task, cfg: Config, model: nn.Module, data, device: torch.device,
              run_dir: Path) -> tuple[float, float]:
     """(loss, metric) on the test split, computed as the training engine computes it."""
-    from ..engine import Trainer
+    from ..engine.trainer import Trainer
 
     trainer = Trainer(task, cfg, Path(run_dir))
     trainer.device, trainer.data, trainer.model = device, data, model.to(device)
@@ -215,7 +215,7 @@ def _quiet_transformers() -> None:
 
 def _measure(tmp: Path, run_dir: Path, task, cfg: Config, state: dict, weights: dict,
              prunable: list[str], written: dict) -> dict:
-    from ..flops import example_flops
+    from ..report.flops import example_flops
 
     device = eval_device(run_dir, cfg)
     data = task.build_data(cfg)

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 
-from .. import summary as S
+from ..report import summary as S
 from .report import latest_run, plot_run, update_graphs
 
 

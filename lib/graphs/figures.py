@@ -9,7 +9,7 @@ import matplotlib as mpl
 import matplotlib.ticker
 from matplotlib.patches import Patch
 
-from .. import summary as S
+from ..report import summary as S
 from ..monitor import METRICS, read_timeline, sample_metrics
 from .style import (MEMORY_LABELS, PER_MIB, STYLE, Drawn, Skipped, bar_figure, config_label,
                     figure_legend, log_y, metric_label, new_figure, pareto_front, plot_mean, side_legend,

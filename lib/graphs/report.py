@@ -9,10 +9,10 @@ import matplotlib as mpl
 import matplotlib.ticker
 from matplotlib.figure import Figure
 
-from .. import summary as S
-from .. import summary_sections as sections
-from ..atomic import write_file_atomic, write_text_atomic
-from ..rundir import read_json, read_jsonl
+from ..report import summary as S
+from ..report import sections
+from ..run.atomic import write_file_atomic, write_text_atomic
+from ..run.rundir import read_json, read_jsonl
 from .figures import FIGURES, ModelData
 from .sweep import fig_sweep
 from .style import (RUN_FIGSIZE, STYLE, Drawn, NotApplicable, PathLike, Skipped, log_y, metric_label,

@@ -10,7 +10,7 @@ import matplotlib as mpl
 import matplotlib.ticker
 from matplotlib.figure import Figure
 
-from .. import summary as S
+from ..report import summary as S
 
 
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9,

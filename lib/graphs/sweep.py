@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from . import figures as F
 from . import style as G
-from .. import summary as S
-from ..sweep import label
-from ..tuning import best_per_group
+from ..report import summary as S
+from ..config.sweep import label
+from ..config.tuning import best_per_group
 
 LOG_SPAN = 10.0  # values spanning at least this factor are drawn on a log axis
 

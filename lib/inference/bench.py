@@ -298,7 +298,7 @@ def _swap(model: nn.Module, names: set[str]) -> None:
 
 # ----------------------------------------------------------------- sections
 def environment(device: torch.device) -> dict:
-    from ..rundir import environment as machine
+    from ..run.rundir import environment as machine
     from . import cpu_kernels, semi_structured
 
     kernels = cpu_kernels.load()
@@ -388,7 +388,7 @@ def _model_cell(batch: str, r: dict) -> str:
 def bench_run(run_dir: Path, repeats: int = 7, warmup: int = 2) -> dict:
     """`make bench-inference RUN=`: the run's exported model (else best.pt), on the CPU."""
     from ..models.gpt2 import GPT
-    from ..rundir import write_json_atomic
+    from ..run.rundir import write_json_atomic
 
     model, source, cfg = _run_model(Path(run_dir))
     kind = "tokens" if isinstance(model, GPT) else "images"

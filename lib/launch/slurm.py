@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..config import ConfigError
-from ..rundir import read_json, write_json_atomic
+from ..config.kconfig import ConfigError
+from ..run.rundir import read_json, write_json_atomic
 
 SLURM_JSON = "slurm.json"
 LISTED = 8  # cells listed one per line at submission
@@ -152,8 +152,8 @@ def matrix_config(matrix_dir: Path, extra: Iterable[tuple[str, str]] = ()):
     """The matrix's own configuration (its .config and make-line overrides), plus `extra`:
     launcher settings given to `make continue` (nothing else may change there; JOBS=, how
     many cells run at once here, is one)."""
-    from .. import matrix
-    from ..config import load
+    from ..run import matrix
+    from ..config.kconfig import load
 
     extra = list(extra)
     for key, _ in extra:
@@ -168,7 +168,7 @@ def matrix_config(matrix_dir: Path, extra: Iterable[tuple[str, str]] = ()):
 def run_matrix(matrix_dir: Path, cfg, rerun_failed: bool = False) -> int:
     """`make` and `make continue` with LAUNCHER=slurm: submit the cells that did not
     finish as one job array and return at once (exit status 0 when submitted)."""
-    from .. import matrix
+    from ..run import matrix
 
     matrix_dir = Path(matrix_dir).absolute()  # the tasks run elsewhere, in another directory
     meta, cells = matrix.load_cells(matrix_dir)

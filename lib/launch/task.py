@@ -8,7 +8,7 @@ records the task in cell.json and waits for the cell.
 Slurm signals every process of the task. On SIGTERM (preemption, `scancel`,
 `scontrol requeue`, the time limit itself) and on SIGUSR2 (the warning submitit
 asks for SLURM_SIGNAL_DELAY seconds before the time limit) the cell saves
-last.pt at its current step and exits with EXIT_INTERRUPTED (lib/signals.py).
+last.pt at its current step and exits with EXIT_INTERRUPTED (lib/engine/signals.py).
 On SIGUSR2 submitit calls `checkpoint`: it waits until the cell has saved and
 exited, then lets submitit requeue the task (`scontrol requeue`), at most
 SLURM_MAX_REQUEUES times. The requeued task finds last.pt and resumes in place:
@@ -29,9 +29,9 @@ from typing import Optional
 
 import submitit
 
-from .. import matrix
-from ..config import ROOT
-from ..rundir import write_json_atomic
+from ..run import matrix
+from ..config.kconfig import ROOT
+from ..run.rundir import write_json_atomic
 
 CHECKPOINT_WAIT_S = 600  # at most this long for the cell to save after the warning signal
 

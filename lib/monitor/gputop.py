@@ -64,9 +64,9 @@ def _last_record(path: Path) -> dict | None:
 
 def scan_matrix(results_dir) -> list[dict]:
     """One entry per cell of the matrix: name, status (done / running / pending, as
-    adamwprune.matrix.cell_state judges it), the last metrics.jsonl row, and seconds
+    adamwprune.run.matrix.cell_state judges it), the last metrics.jsonl row, and seconds
     since metrics.jsonl last changed."""
-    from ..matrix import cell_state, load_cells
+    from ..run.matrix import cell_state, load_cells
 
     path = Path(results_dir)
     try:

@@ -23,7 +23,7 @@ class AdamWAdv(torch.optim.AdamW):
        w <- w - lr * m_hat / (sqrt(v_max / (1 - beta2^t)) + eps).
 
     The cosine learning-rate schedule that completes "AdamWAdv" is the engine's
-    job (``adamwprune.lr``), like every schedule: an optimizer only sees the
+    job (``adamwprune.engine.lr``), like every schedule: an optimizer only sees the
     current ``lr`` of its groups. Because the optimizer clips its own gradients,
     the engine does not clip again for it (clipping is idempotent, but the
     norm would be computed twice).

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import FIELDS, load
+from .kconfig import FIELDS, load
 from .pinned import describe, differences
-from .pruning.schedule import is_update_step, sparsity_at
+from ..pruning.schedule import is_update_step, sparsity_at
 
 
 def _asked_fields(kconf, asked: dict) -> set[str]:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import checkpoint as ckpt
-from . import pinned
-from .config import FIELDS, Config, ConfigError, load
+from ..config import pinned
+from ..config.kconfig import FIELDS, Config, ConfigError, load
 from .locks import DirLock
 from .rundir import read_json, write_json_atomic
 
@@ -88,9 +88,9 @@ def _dataset_defaults(model: str, dataset: str):
 def evaluate_run(run_dir: Path, data_dir: Optional[str] = None, dataset: Optional[str] = None) -> dict:
     """Evaluate best.pt of `run_dir` on the test split of `dataset` (default: the
     run's) under `data_dir` (default: the run's); writes and returns eval.json."""
-    from .cli import load_task
-    from .engine import Trainer
-    from .distributed import DistContext
+    from ..cli import load_task
+    from ..engine.trainer import Trainer
+    from ..engine.distributed import DistContext
 
     run_dir = Path(run_dir)
     state = ckpt.load(run_dir / "best.pt")

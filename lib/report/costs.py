@@ -10,7 +10,7 @@ w * mask for a parametrized module), and stored in final.json:
   ``compression_ratio`` = prunable parameters / non-zero prunable parameters
   (1.0 dense, 10.0 at 90 % sparsity).
 * ``flops_per_example``: forward FLOPs of one example (an image; for GPT-2 one
-  sequence of GPT2_BLOCK_SIZE tokens) as ``adamwprune.flops.count_flops`` counts
+  sequence of GPT2_BLOCK_SIZE tokens) as ``adamwprune.report.flops.count_flops`` counts
   them (``torch.utils.flop_counter``: matrix products, convolutions and attention, 2
   FLOPs per multiply-add; element-wise work is not counted).
 * ``flops_per_example_nonzero``: the same with each prunable layer's FLOPs scaled by
@@ -37,7 +37,7 @@ def weight_density(module: nn.Module) -> float:
 @torch.no_grad()
 def flops_per_example(model: nn.Module, forward, batch_size: int) -> tuple[int, int]:
     """(dense, non-zero) forward FLOPs per example of ``forward()``, which runs ``model``
-    on one batch of ``batch_size`` examples (``adamwprune.flops.count_flops``)."""
+    on one batch of ``batch_size`` examples (``adamwprune.report.flops.count_flops``)."""
     was_training = model.training
     model.eval()
     try:

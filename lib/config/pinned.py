@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .config import FIELD_BY_NAME, ConfigError
-from .rundir import git_sha, read_json, write_json_atomic
+from .kconfig import FIELD_BY_NAME, ConfigError
+from ..run.rundir import git_sha, read_json, write_json_atomic
 
 # Fields that say how a run is executed, not what it computes: they may differ
 # when a run is resumed elsewhere (the matrix sets RUN_THREADS from the cores).

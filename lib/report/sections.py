@@ -2,7 +2,7 @@
 
     significance_lines(rows)   per (model, sparsity): best on validation, every other
                                method against it by Welch's t-test on the test metric
-                               (adamwprune.stats), with compression, FLOPs, memory, ms/step
+                               (adamwprune.report.stats), with compression, FLOPs, memory, ms/step
     grid_lines(rows)           a matrix with MATRIX_SWEEP: every swept value and the one
                                validation chooses per (model, optimizer) among dense runs
     tuned_lines(meta)          a matrix with MATRIX_TUNED_FROM: which values its cells used,
@@ -83,8 +83,8 @@ def _unswept(row: dict) -> str:
 
 def grid_lines(rows: list[dict]) -> list[str]:
     """The swept values of every configuration; per (model, optimizer), the dense one chosen."""
-    from .sweep import label
-    from .tuning import best_per_group
+    from ..config.sweep import label
+    from ..config.tuning import best_per_group
 
     swept = [r for r in rows if r.get("sweep")]
     if not swept:

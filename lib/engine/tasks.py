@@ -96,8 +96,8 @@ class CifarTask(ClassificationTask):
         return model
 
     def build_data(self, cfg) -> Splits:
-        from .config import resolve_path
-        from .data import cifar
+        from ..config.kconfig import resolve_path
+        from ..data import cifar
 
         if cfg.dataset == "synthetic":
             n = cfg.synthetic_size

@@ -1,6 +1,6 @@
 """The seed README's headline claims, tested on this repo's own study matrices.
 
-    make claims                      # = python -m adamwprune.claims
+    make claims                      # = python -m adamwprune.report.claims
     make claims CLAIMS_ARGS="--results /path/to/results --out docs/claims-table.md"
 
 Each claim names the preset of the study that tests it, the two methods it
@@ -28,7 +28,7 @@ from typing import Optional
 
 from . import stats
 from . import summary as S
-from .config import ConfigError, resolve_path
+from ..config.kconfig import ConfigError, resolve_path
 
 SAME_TOLERANCE = 0.01     # "the same": |mean a - mean b| / |mean b| below this (and no p < 0.05)
 
@@ -139,7 +139,7 @@ class Result:
 
 def matrix_of(preset: str, results: Path) -> Path:
     """The newest finished-or-not matrix made from `preset` under `results`."""
-    from .rundir import latest_matrix
+    from ..run.rundir import latest_matrix
 
     found = latest_matrix(results, preset)
     if found is None:
@@ -293,7 +293,7 @@ def render(results: list[Result]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m adamwprune.claims", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m adamwprune.report.claims", description=__doc__.split("\n")[0])
     ap.add_argument("--results", default="results", help="where the study matrices are (RUN_RESULTS_DIR)")
     ap.add_argument("--out", help="also write the table here (atomically)")
     args = ap.parse_args(argv)
@@ -305,7 +305,7 @@ def main(argv=None) -> int:
     table = render(evaluate(results))
     print(table, end="")
     if args.out:
-        from .atomic import write_text_atomic
+        from ..run.atomic import write_text_atomic
 
         write_text_atomic(Path(args.out), table)
     return 0

@@ -22,7 +22,7 @@ run directory, with one notice line; it never prompts.
 Every model logs the same keys (`TRAIN_LOSS`, `VAL_METRIC`, ...): the task's metric
 name (accuracy, perplexity) goes into the config, not into the key.
 
-Run `python -m adamwprune.tracking view [--project P | --model M] [--dir D]` for the
+Run `python -m adamwprune.report.tracking view [--project P | --model M] [--dir D]` for the
 trackio dashboard. Only rank 0 of a distributed job should build trackers.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
-from .paths import ROOT
+from ..paths import ROOT
 
 TRACKERS = ("trackio", "wandb")
 NONE = "none"
@@ -460,7 +460,7 @@ def build_trackers(names: Union[str, Sequence[str], None], *, project: str, run_
 
 # ---------------------------------------------------------------------- CLI
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m adamwprune.tracking")
+    p = argparse.ArgumentParser(prog="python -m adamwprune.report.tracking")
     sub = p.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("view", help="open the local trackio dashboard")
     v.add_argument("--project", help="a trackio project (default: all projects in the directory)")

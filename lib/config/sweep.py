@@ -32,7 +32,7 @@ class SweepError(ValueError):
 
 
 def normalise_key(key: str) -> str:
-    from .config import SHORTHANDS
+    from .kconfig import SHORTHANDS
 
     key = key.strip()
     key = key[len("CONFIG_"):] if key.startswith("CONFIG_") else key
@@ -85,8 +85,8 @@ def problems(kconf, cfg) -> list[str]:
     ``kconf`` plus the (model, optimizer, pruning method, variant) of every distinct
     cell of the matrix, and must survive into a valid configuration.
     """
-    from . import config as C
-    from .matrix import expand_base
+    from . import kconfig as C
+    from ..run.matrix import expand_base
 
     try:
         axes = parse(cfg.matrix_sweep)

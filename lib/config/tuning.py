@@ -20,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, resolve_path
-from .rundir import latest_matrix
+from .kconfig import ConfigError, resolve_path
+from ..run.rundir import latest_matrix
 
 Pairs = tuple[tuple[str, str], ...]
 
@@ -42,7 +42,7 @@ def resolve_dir(spec: str, results_dir: str) -> Path:
 
 def grid_rows(tuning_dir: Path) -> list[dict]:
     """The summary rows of the tuning matrix; an unfinished grid is an error."""
-    from . import summary as S
+    from ..report import summary as S
 
     records = S.collect(tuning_dir)
     waiting = [r["id"] for r in records if r["status"] not in (S.COMPLETED, *S.FAILED_STATUSES)]

@@ -8,7 +8,7 @@ forward with the multiply-adds of zero weights left out of the prunable layers
 d of its dense FLOPs, because each weight entry takes part in the same number of
 multiply-adds (one per token for a Linear, one per output position for a Conv2d).
 
-    from adamwprune.flops import count_flops
+    from adamwprune.report.flops import count_flops
     flops = count_flops(model, lambda: model(x))            # x: one example
     flops.dense, flops.nonzero, flops.layers["fc.weight"]
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .params import prunable_parameters
+from ..params import prunable_parameters
 
 
 @dataclass(frozen=True)

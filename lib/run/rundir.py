@@ -15,7 +15,7 @@ import torch
 
 from . import atomic
 from .atomic import jsonable, write_json_atomic  # noqa: F401  (run and matrix writers import it from here)
-from .paths import ROOT
+from ..paths import ROOT
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -120,7 +120,7 @@ def run_name(model: str, optimizer: str, pruning: str, sparsity: float, variant:
     Which parts a method has comes from its registry record: a sparsity when it prunes,
     an N:M pattern (nm2-4) when not unstructured, the layer distribution when it is
     dynamic sparse training, AdamWPrune's variant when it ranks by that score."""
-    from .registry import PRUNERS
+    from ..registry import PRUNERS
 
     info = PRUNERS.get(pruning)
     parts = [model, optimizer, pruning]

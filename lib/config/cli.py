@@ -1,7 +1,7 @@
 """Kconfig targets of the Makefile, through kconfiglib.
 
-  python -m adamwprune.kconfig_cli defconfig NAME [--set "SYM=v ..."] [--override K=V]
-  python -m adamwprune.kconfig_cli olddefconfig | savedefconfig [OUT] | list
+  python -m adamwprune.config.cli defconfig NAME [--set "SYM=v ..."] [--override K=V]
+  python -m adamwprune.config.cli olddefconfig | savedefconfig [OUT] | list
 """
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from .atomic import write_file_atomic
+from ..run.atomic import write_file_atomic
 from .notes import print_override_effects
-from .config import (ROOT, ConfigError, apply_overrides, find_defconfig, list_defconfigs, load_file,
+from .kconfig import (ROOT, ConfigError, apply_overrides, find_defconfig, list_defconfigs, load_file,
                      load_kconfig, parse_set, to_config, write_config)
 
 
@@ -74,7 +74,7 @@ def describe(path: Path) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m adamwprune.kconfig_cli")
+    p = argparse.ArgumentParser(prog="python -m adamwprune.config.cli")
     p.add_argument("--config", type=Path, default=Path(".config"))
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("defconfig")

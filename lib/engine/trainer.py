@@ -19,21 +19,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint as ckpt
+from ..run import checkpoint as ckpt
 from . import signals
-from .atomic import write_text_atomic
-from .config import ConfigError
-from .costs import final_costs
+from ..run.atomic import write_text_atomic
+from ..config.kconfig import ConfigError
+from ..report.costs import final_costs
 from .distributed import DistContext
 from .lr import lr_at
-from .memory import memory_report
-from .notes import ramp_warning
-from .optim.clipping import clip_grad_norm_
-from .params import param_groups, prunable_parameters
+from ..memory import memory_report
+from ..config.notes import ramp_warning
+from ..optim.clipping import clip_grad_norm_
+from ..params import param_groups, prunable_parameters
 from .console import Progress, print_summary
-from .registry import PRUNERS, PruneSchedule, build_optimizer, build_pruner, pattern_of, target_of
-from . import segments
-from .rundir import RunDir, environment, read_json
+from ..registry import PRUNERS, PruneSchedule, build_optimizer, build_pruner, pattern_of, target_of
+from ..run import segments
+from ..run.rundir import RunDir, environment, read_json
 
 STATUS_COMPLETED, STATUS_DIVERGED, STATUS_FAILED = "completed", "diverged", "failed"
 STATUS_INTERRUPTED = "interrupted"  # a stop signal: last.pt saved, no final.json
@@ -209,7 +209,7 @@ class Trainer:
     def _start_sampler(self) -> None:
         if not self.dist.is_main:
             return
-        from .monitor import MemorySampler
+        from ..monitor import MemorySampler
 
         # A CPU run on a GPU machine must not report the GPU's memory as its own.
         backend = "psutil" if self.device.type == "cpu" else None
@@ -253,7 +253,7 @@ class Trainer:
 
     def save_best(self) -> None:
         if self.dist.is_main:
-            from .pruning import export_state_dict
+            from ..pruning import export_state_dict
 
             ckpt.save_atomic({"format": 1, "step": self.step, "model": export_state_dict(self.model),
                               "config": self.cfg.to_dict(), "val_metric": self.best.val_metric,
@@ -349,7 +349,7 @@ class Trainer:
         """Evaluate saved weights (best.pt's "model") on the test split of this trainer's
         config, without building an optimizer, a pruner or a sampler (`make evaluate`):
         the task's evaluation sums (with ``_examples``)."""
-        from .evaluate import load_weights
+        from ..run.evaluate import load_weights
 
         self.device = select_device("auto", self.dist)
         self.data = self.task.build_data(self.cfg)
@@ -389,7 +389,7 @@ class Trainer:
             self.save_best()
         self.run.append_metrics(row)
         if self.tracker is not None:
-            from .tracking import row_to_metrics
+            from ..report.tracking import row_to_metrics
 
             extra = {"step_time_s": self._train_time / max(1, self._steps_run)}
             extra.update(self._memory_now())
@@ -399,7 +399,7 @@ class Trainer:
     def _memory_now(self) -> dict:
         if self.device.type == "cuda":
             return {"memory/allocated_bytes": torch.cuda.memory_allocated(self.device)}
-        from .monitor import process_family, rss_bytes
+        from ..monitor import process_family, rss_bytes
 
         return {"memory/rss_bytes": rss_bytes(process_family(os.getpid()))}
 
@@ -408,8 +408,8 @@ class Trainer:
         names = [n for n, on in (("trackio", cfg.tracker_trackio), ("wandb", cfg.tracker_wandb)) if on]
         if not names or not self.dist.is_main:
             return
-        from .config import resolve_path
-        from .tracking import build_trackers, project_name
+        from ..config.kconfig import resolve_path
+        from ..report.tracking import build_trackers, project_name
 
         in_matrix = (self.run.path.parent / "matrix.json").exists()
         self.tracker = build_trackers(
@@ -478,7 +478,7 @@ class Trainer:
             stopping.close()
         final = self._final(status, message, started, self._train_time, self._steps_run)
         if self.tracker is not None:
-            from .tracking import final_to_metrics
+            from ..report.tracking import final_to_metrics
 
             self.tracker.log(final_to_metrics(final), final["steps"])
             self.tracker.finish(status)

@@ -19,9 +19,10 @@ from typing import Optional, Sequence
 
 import psutil
 
-from . import pinned, signals
+from ..config import pinned
+from ..engine import signals
 from .atomic import write_text_atomic
-from .config import ROOT, SHORTHANDS, load, minimal_text
+from ..config.kconfig import ROOT, SHORTHANDS, load, minimal_text
 from .locks import DirLock, LockBusy, die_with_parent, holder
 from .rundir import read_json, read_jsonl, run_name, write_json_atomic
 
@@ -59,7 +60,7 @@ def _picked(pairs) -> list:
 def matrix_axes(cfg) -> dict:
     """The selected values of each axis. Optimizers, pruning methods, patterns and
     distributions are the registry's (adamwprune.registry): one selection symbol each."""
-    from .config import REGISTRY_AXES
+    from ..config.kconfig import REGISTRY_AXES
 
     seeds = ([int(s) for s in cfg.matrix_seed_list.split()] if cfg.matrix_seed_list
              else [cfg.seed + i for i in range(cfg.matrix_seeds or 1)])
@@ -79,7 +80,7 @@ def matrix_axes(cfg) -> dict:
 def _valid(optimizer: str, pruning: str) -> bool:
     """A cell is valid when the pruner accepts the optimizer and an optimizer that prunes
     by itself is not paired with a second, external pruner (it would be AdamW plus one)."""
-    from .registry import OPTIMIZERS, PRUNERS
+    from ..registry import OPTIMIZERS, PRUNERS
 
     need = PRUNERS[pruning].requires_optimizer
     if need is not None:
@@ -107,8 +108,9 @@ def expand(cfg, tuning_table=None) -> list[Cell]:
     """The valid cells of cfg's matrix, in a stable order: the selections' cells, each once
     per combination of the MATRIX_SWEEP values, with the MATRIX_TUNED_FROM values applied
     (``tuning_table``: the loaded table, False for none, None to load it)."""
-    from . import sweep, tuning
-    from .config import ConfigError
+    from ..config import sweep
+    from ..config import tuning
+    from ..config.kconfig import ConfigError
 
     combos = sweep.combinations(sweep.parse(cfg.matrix_sweep))
     loaded = tuning.load_table(cfg) if tuning_table is None else tuning_table
@@ -130,7 +132,7 @@ def expand(cfg, tuning_table=None) -> list[Cell]:
 def expand_base(cfg) -> list[Cell]:
     """The cells of the model x optimizer x method x operating point (sparsity, pattern,
     distribution) x variant x seed selections; which apply to a method is in its record."""
-    from .registry import PRUNERS
+    from ..registry import PRUNERS
 
     a = matrix_axes(cfg)
     cells = []
@@ -169,8 +171,8 @@ def is_matrix(cfg) -> bool:
 
 # ---------------------------------------------------------------- dry run
 def dry_run(config_path: Path, overrides: Sequence[tuple[str, str]]) -> int:
-    from . import tuning
-    from .config import ConfigError
+    from ..config import tuning
+    from ..config.kconfig import ConfigError
 
     cfg, _, _ = load(config_path, dict(overrides))
     if not cfg.matrix:
@@ -209,7 +211,7 @@ def create(config_path: Path, overrides: Sequence[tuple[str, str]], results: Pat
     """Make the matrix directory with its fixed list of cells, and fix each cell's
     full resolved configuration in its config.json (pinned.py)."""
     from .rundir import new_run_path
-    from .tuning import record as tuning_record
+    from ..config.tuning import record as tuning_record
 
     cfg, _, kconf = load(config_path, dict(overrides))
     cells = expand(cfg)
@@ -363,7 +365,7 @@ def _cut_last_line(path: Path) -> bool:
 
 
 def status(matrix_dir: Path) -> int:
-    from .launch.slurm import StatusView
+    from ..launch.slurm import StatusView
 
     meta, cells = load_cells(matrix_dir)
     counts: dict[str, int] = {}
@@ -583,7 +585,7 @@ def _report(matrix_dir: Path, cells: Sequence[Cell]) -> int:
 
 def _write_summary(matrix_dir: Path) -> None:
     try:
-        from .summary import write_summary
+        from ..report.summary import write_summary
     except ImportError:
         return
     csv_path, md_path = write_summary(matrix_dir)

@@ -1,6 +1,6 @@
 """Is a difference between two methods more than seed noise? (ShrinkBench's checklist)
 
-Per (model, target sparsity), over the summary rows of `adamwprune.summary`:
+Per (model, target sparsity), over the summary rows of `adamwprune.report.summary`:
 
 * the best method is the one with the best mean *validation* metric (validation
   picks; the test metric never does);

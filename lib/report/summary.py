@@ -11,7 +11,7 @@ Nothing here is cached: every table is derived from ``final.json``,
                         the *validation* metric, so the test set never selects
     write_summary(dir)  summary.csv and summary.md in the matrix directory
 
-Run ``python -m adamwprune.summary [DIR]`` to print the table of DIR (default:
+Run ``python -m adamwprune.report.summary [DIR]`` to print the table of DIR (default:
 the newest directory under results/ that has a matrix.json).
 """
 from __future__ import annotations
@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from . import stats
-from . import summary_sections as sections
-from .atomic import write_text_atomic
-from .rundir import latest_matrix, read_json
-from .sweep import label as sweep_label
+from . import sections
+from ..run.atomic import write_text_atomic
+from ..run.rundir import latest_matrix, read_json
+from ..config.sweep import label as sweep_label
 
-from .paths import ROOT
+from ..paths import ROOT
 MIB = 1 << 20
 COMPLETED = "completed"
 PENDING = "pending"
@@ -42,7 +42,7 @@ COMPONENTS = ("parameters", "gradients", "optimizer_state", "pruning_buffers", "
 # config.json to read it from, so it is carried along but does not split configurations.
 # "sweep" holds the (symbol, value) pairs of a cell's MATRIX_SWEEP axes (() without any).
 CONFIG_KEY = ("model", "optimizer", "pruning", "target_sparsity", "pattern", "distribution", "variant", "sweep")
-# What final.json says a trained model costs (adamwprune.costs), averaged over seeds.
+# What final.json says a trained model costs (adamwprune.report.costs), averaged over seeds.
 COST_KEYS = ("compression_ratio", "flops_per_example", "flops_per_example_nonzero", "params_prunable_nonzero")
 # Run directories live in a matrix directory beside these, which are not cells.
 NOT_CELLS = ("graphs",)
@@ -78,7 +78,7 @@ def collect(matrix_dir) -> list[dict]:
 
 
 def _info(pruning: Optional[str]):
-    from .registry import PRUNERS
+    from ..registry import PRUNERS
 
     return PRUNERS.get(pruning or "")
 
@@ -217,7 +217,7 @@ def _row(group: list[dict]) -> dict:
                seeds=[r["seed"] for r in done])
     row["val_mean"], row["val_std"] = mean_std(r["best_val_metric"] for r in done)
     row["test_mean"], row["test_std"] = mean_std(r["test_metric"] for r in done)
-    # the per-seed values, for Welch's t-test (adamwprune.stats)
+    # the per-seed values, for Welch's t-test (adamwprune.report.stats)
     row["val_values"] = [r["best_val_metric"] for r in done if r["best_val_metric"] is not None]
     row["test_values"] = [r["test_metric"] for r in done if r["test_metric"] is not None]
     row["tuned"] = next((r.get("tuned") for r in group if r.get("tuned")), ())
@@ -412,7 +412,7 @@ def render_markdown(name: str, records: list[dict], rows: list[dict], meta: Opti
 
 def method_notes(records: list[dict]) -> list[str]:
     """What a reader must know to read some cells (measured effects, docs/pruning.md)."""
-    from .registry import OPTIMIZERS
+    from ..registry import OPTIMIZERS
 
     coupled = sorted({r["optimizer"] for r in records if r["pruning"] == "movement"
                       and r["optimizer"] in OPTIMIZERS and OPTIMIZERS[r["optimizer"]].coupled_decay
@@ -465,7 +465,7 @@ def resolve_dir(arg: Optional[str]) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adamwprune.summary",
+    parser = argparse.ArgumentParser(prog="python -m adamwprune.report.summary",
                                      description="rebuild summary.csv and summary.md of a matrix of runs")
     parser.add_argument("dir", nargs="?", metavar="DIR",
                         help="matrix directory (default: newest under results/ with a matrix.json)")

@@ -1,0 +1,1 @@
+"""Configuration: Kconfig -> one typed, frozen Config; presets, overrides, matrix sweeps, pinned values."""

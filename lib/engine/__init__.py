@@ -1,0 +1,1 @@
+"""The training engine: the one loop (Trainer), its tasks, lr schedules, signals, DDP and console output."""

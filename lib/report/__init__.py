@@ -1,0 +1,1 @@
+"""What the results say: summaries, significance, claims, costs (FLOPs, compression) and trackers."""
