@@ -15,6 +15,7 @@ from torch import nn
 
 from .optim.importance import IMPORTANCE as _IMPORTANCE
 from .pruning.patterns import DISTRIBUTIONS as _DISTRIBUTIONS
+from .pruning.schedule import PruneSchedule  # noqa: F401  (the one schedule record; imported from here too)
 
 
 # The models: each is a folder <name>/ with train.py (its TASK), Kconfig and defconfigs.
@@ -24,26 +25,6 @@ VARIANTS = tuple(_IMPORTANCE)
 # Pattern kinds of a matrix axis: "nm" stands for the N:M of PRUNING_NM_N/M.
 PATTERN_KINDS = ("unstructured", "nm")
 DISTRIBUTIONS = _DISTRIBUTIONS  # layer densities of dynamic sparse training
-
-
-@dataclass(frozen=True)
-class PruneSchedule:
-    """The one sparsity schedule every method of a comparison shares (in steps), and
-    the pattern of the mask. Dynamic sparse training (RigL, SET, AdamWPrune regrowing)
-    is sparse from step 0 and updates masks from ``start`` (0) to ``end`` (T_end)."""
-
-    target: float = 0.0
-    start: int = 0
-    end: int = 0
-    interval: int = 1
-    schedule: str = "cubic"
-    scope: str = "global"
-    prune_embeddings: bool = False
-    pattern: str = "unstructured"     # or "N:M"
-    distribution: str = "erk"         # dynamic sparse training's layer densities
-    drop_fraction: float = 0.3        # dynamic sparse training's alpha
-    srste_decay: float = 2e-4         # SR-STE's lambda_w
-    seed: int = 0                     # the random masks of dynamic sparse training
 
 
 @dataclass(frozen=True)
@@ -149,20 +130,17 @@ def _adamwprune(groups, cfg, schedule: PruneSchedule):
         base_kwargs["max_grad_norm"] = 0.0
     if cfg.adamwprune_budget_factor is not None:
         base_kwargs["budget_factor"] = cfg.adamwprune_budget_factor
-    return AdamWPrune(groups, base=cfg.adamwprune_base, variant=cfg.adamwprune_variant,
-                      target_sparsity=schedule.target, start_step=schedule.start,
-                      end_step=schedule.end, interval=schedule.interval,
-                      schedule=schedule.schedule, scope=schedule.scope,
-                      pattern=schedule.pattern, **_regrow_kwargs(cfg, schedule),
-                      **_adam_kwargs(cfg), **base_kwargs)
+    return AdamWPrune.from_schedule(groups, schedule, base=cfg.adamwprune_base,
+                                    variant=cfg.adamwprune_variant, **_regrow_kwargs(cfg),
+                                    **_adam_kwargs(cfg), **base_kwargs)
 
 
-def _regrow_kwargs(cfg, schedule: PruneSchedule) -> dict:
-    """AdamWPrune as a dynamic sparse trainer when the run's pruning method is."""
+def _regrow_kwargs(cfg) -> dict:
+    """AdamWPrune as a dynamic sparse trainer when the run's pruning method is (its drop
+    fraction, distribution and seed then come from the schedule)."""
     if not (cfg.pruning and PRUNERS[cfg.pruning].dynamic):
         return {}
-    return dict(regrow="gradient", drop_fraction=schedule.drop_fraction,
-                distribution=schedule.distribution, seed=schedule.seed)
+    return dict(regrow="gradient")
 
 
 OPTIMIZERS: dict[str, OptimInfo] = {
@@ -182,62 +160,35 @@ def _none(model, optimizer, schedule):
     return NoPruner(model, optimizer=optimizer)
 
 
-def _ranking(cls_name: str):
-    """A pruner that ranks entries on the shared ramp, with the run's pattern."""
+def _built(module: str, cls_name: str):
+    """A pruner built from the run's PruneSchedule (Pruner.from_schedule maps its fields
+    onto the constructor's keywords)."""
     def build(model, optimizer, s: PruneSchedule):
-        from . import pruning
+        import importlib
 
-        return getattr(pruning, cls_name)(model, s.target, s.start, s.end, s.interval,
-                                          schedule=s.schedule, scope=s.scope,
-                                          prune_embeddings=s.prune_embeddings,
-                                          optimizer=optimizer, pattern=s.pattern)
+        cls = getattr(importlib.import_module(f"adamwprune.pruning{module}"), cls_name)
+        return cls.from_schedule(model, s, optimizer=optimizer)
     return build
-
-
-def _state(model, optimizer, s: PruneSchedule):
-    from .pruning import StatePruner
-
-    return StatePruner(model, s.target, s.start, s.end, s.interval, schedule=s.schedule,
-                       scope=s.scope, prune_embeddings=s.prune_embeddings, optimizer=optimizer,
-                       pattern=s.pattern)
-
-
-def _dynamic(cls_name: str):
-    def build(model, optimizer, s: PruneSchedule):
-        from .pruning import dst
-
-        return getattr(dst, cls_name)(model, s.target, s.start, s.end, s.interval,
-                                      prune_embeddings=s.prune_embeddings, optimizer=optimizer,
-                                      drop_fraction=s.drop_fraction, distribution=s.distribution,
-                                      seed=s.seed)
-    return build
-
-
-def _srste(model, optimizer, s: PruneSchedule):
-    from .pruning.srste import SRSTEPruner
-
-    return SRSTEPruner(model, s.target, s.start, None, 1, prune_embeddings=s.prune_embeddings,
-                       optimizer=optimizer, pattern=s.pattern, decay=s.srste_decay)
 
 
 _RANKS = ("unstructured", "nm")
 PRUNERS: dict[str, PrunerInfo] = {
     "none": PrunerInfo("none", _none, "dense training", prunes=False, patterns=()),
-    "magnitude": PrunerInfo("magnitude", _ranking("MagnitudePruner"), "|w|, monotone masks",
+    "magnitude": PrunerInfo("magnitude", _built("", "MagnitudePruner"), "|w|, monotone masks",
                             patterns=_RANKS),
-    "movement": PrunerInfo("movement", _ranking("MovementPruner"),
+    "movement": PrunerInfo("movement", _built("", "MovementPruner"),
                            "Sanh et al. hard movement, scores in fp32", patterns=_RANKS),
-    "state": PrunerInfo("state", _state, "AdamWPrune prunes from its own state",
+    "state": PrunerInfo("state", _built("", "StatePruner"), "AdamWPrune prunes from its own state",
                         optimizer_prunes=True, requires_optimizer=("adamwprune",), patterns=_RANKS,
                         uses_variant=True, baseline="magnitude"),
-    "state_regrow": PrunerInfo("state_regrow", _state, "AdamWPrune drops by its score, regrows by |g|",
+    "state_regrow": PrunerInfo("state_regrow", _built("", "StatePruner"), "AdamWPrune drops by its score, regrows by |g|",
                                optimizer_prunes=True, requires_optimizer=("adamwprune",),
                                dynamic=True, uses_variant=True, baseline="rigl"),
-    "srste": PrunerInfo("srste", _srste, "SR-STE: N:M from scratch (Zhou et al. 2021)",
+    "srste": PrunerInfo("srste", _built(".srste", "SRSTEPruner"), "SR-STE: N:M from scratch (Zhou et al. 2021)",
                         patterns=("nm",), ramps=False),
-    "rigl": PrunerInfo("rigl", _dynamic("RigLPruner"), "RigL: drop |w|, grow |g| (Evci et al. 2020)",
+    "rigl": PrunerInfo("rigl", _built(".dst", "RigLPruner"), "RigL: drop |w|, grow |g| (Evci et al. 2020)",
                        dynamic=True),
-    "set": PrunerInfo("set", _dynamic("SETPruner"), "SET: drop |w|, grow at random (Mocanu et al. 2018)",
+    "set": PrunerInfo("set", _built(".dst", "SETPruner"), "SET: drop |w|, grow at random (Mocanu et al. 2018)",
                       dynamic=True),
 }
 

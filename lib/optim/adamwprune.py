@@ -24,7 +24,8 @@ from adamwprune.optim import adamwprune_gpu as gpu_path
 from adamwprune.optim import cpu_kernels, gpu_kernels
 from adamwprune.optim.importance import get_importance
 from adamwprune.pruning.base import zero_optimizer_state
-from adamwprune.pruning.schedule import (is_update_step, last_update_step, sparsity_at,
+from adamwprune.pruning.schedule import (PruneSchedule, is_update_step, last_update_step,
+                                         schedule_from, schedule_keywords, sparsity_at,
                                          validate_schedule)
 from adamwprune.optim import regrow as regrowth
 from adamwprune.pruning.dst import drop_fraction_at
@@ -204,6 +205,31 @@ class AdamWPrune(torch.optim.Optimizer):
             read by the engine through :attr:`step_budget_factor`.
         fast: None (auto), True or False: the fused CPU and GPU paths above.
     """
+
+    # What StatePruner (the pruner view of this optimizer) checks for: it prunes in step().
+    prunes_in_step = True
+
+    @classmethod
+    def from_schedule(cls, params: Iterable, schedule: PruneSchedule, **kwargs: Any) -> "AdamWPrune":
+        """Build from one :class:`PruneSchedule` (what the registry does): target, ramp,
+        interval, schedule, scope and pattern (and, with ``regrow=``, the drop fraction,
+        distribution and seed) come from it; ``kwargs`` are the optimizer's other options.
+        ``prune_schedule`` is then this very object."""
+        exclude = () if kwargs.get("regrow") else ("drop_fraction", "distribution", "seed")
+        given = schedule_keywords(cls.__init__, schedule, exclude)
+        clash = sorted(set(given) & set(kwargs))
+        if clash:
+            raise ValueError(f"AdamWPrune.from_schedule: {', '.join(clash)} come(s) from the "
+                             "schedule; set them in the PruneSchedule instead")
+        opt = cls(params, **given, **kwargs)
+        opt._schedule_record = schedule
+        return opt
+
+    @property
+    def prune_schedule(self) -> PruneSchedule:
+        """The PruneSchedule this optimizer prunes on (the one it was built from, if any)."""
+        record = getattr(self, "_schedule_record", None)
+        return record if record is not None else schedule_from(self)
 
     def __init__(self, params: Iterable, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: Optional[float] = None,

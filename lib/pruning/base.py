@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from adamwprune.params import prunable_parameters
-from adamwprune.pruning.schedule import (is_update_step, sparsity_at,
+from adamwprune.pruning.schedule import (PruneSchedule, is_update_step, schedule_from,
+                                         schedule_keywords, sparsity_at,
                                          validate_schedule)
 from adamwprune.pruning.patterns import MaskRule
 from adamwprune.pruning.selection import validate_scope
@@ -112,6 +113,29 @@ class Pruner:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         if optimizer is not None:
             self.attach(optimizer)
+
+    @classmethod
+    def from_schedule(cls, model: nn.Module, schedule: PruneSchedule,
+                      optimizer: Optional[torch.optim.Optimizer] = None, **kwargs: Any) -> "Pruner":
+        """Build from one :class:`PruneSchedule` (what the registry does): every schedule
+        keyword this class takes comes from it; ``kwargs`` are the class's other options.
+        The pruner's ``prune_schedule`` is then this very object."""
+        given = schedule_keywords(cls.__init__, schedule)
+        clash = sorted(set(given) & set(kwargs))
+        if clash:
+            raise ValueError(f"{cls.__name__}.from_schedule: {', '.join(clash)} come(s) from the "
+                             "schedule; set them in the PruneSchedule instead")
+        pruner = cls(model, **given, **kwargs)
+        pruner._schedule_record = schedule
+        if optimizer is not None:
+            pruner.attach(optimizer)
+        return pruner
+
+    @property
+    def prune_schedule(self) -> PruneSchedule:
+        """The PruneSchedule this pruner follows (the one it was built from, if any)."""
+        record = getattr(self, "_schedule_record", None)
+        return record if record is not None else schedule_from(self)
 
     @property
     def target_sparsity(self) -> float:

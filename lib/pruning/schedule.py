@@ -9,9 +9,67 @@ t_0. ``t`` is the number of optimizer steps already taken (docs/architecture.md)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 SCHEDULES = ("cubic", "linear")
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    """The one sparsity schedule every method of a comparison shares (in steps), and
+    the pattern of the mask. Dynamic sparse training (RigL, SET, AdamWPrune regrowing)
+    is sparse from step 0 and updates masks from ``start`` (0) to ``end`` (T_end).
+
+    Every pruner and AdamWPrune is built from one with ``from_schedule``; their
+    ``prune_schedule`` is the object they were built from (or, built from keywords, the
+    equivalent record)."""
+
+    target: float = 0.0
+    start: int = 0
+    end: int = 0
+    interval: int = 1
+    schedule: str = "cubic"
+    scope: str = "global"
+    prune_embeddings: bool = False
+    pattern: str = "unstructured"     # or "N:M"
+    distribution: str = "erk"         # dynamic sparse training's layer densities
+    drop_fraction: float = 0.3        # dynamic sparse training's alpha
+    srste_decay: float = 2e-4         # SR-STE's lambda_w
+    seed: int = 0                     # the random masks of dynamic sparse training
+
+    def ramp(self) -> tuple:
+        """What AdamWPrune and its StatePruner view must agree on."""
+        return (self.target, self.start, self.end, self.interval, self.schedule, self.scope,
+                self.pattern)
+
+
+# Constructor keyword of the pruners and AdamWPrune -> PruneSchedule field.
+SCHEDULE_KEYWORDS = {
+    "target_sparsity": "target", "start_step": "start", "end_step": "end", "interval": "interval",
+    "schedule": "schedule", "scope": "scope", "prune_embeddings": "prune_embeddings",
+    "pattern": "pattern", "distribution": "distribution", "drop_fraction": "drop_fraction",
+    "decay": "srste_decay", "seed": "seed",
+}
+
+
+def schedule_keywords(fn, schedule: PruneSchedule, exclude=()) -> dict:
+    """The keyword arguments of ``fn`` (a constructor) that ``schedule`` provides."""
+    import inspect
+
+    taken = inspect.signature(fn).parameters
+    return {kw: getattr(schedule, field) for kw, field in SCHEDULE_KEYWORDS.items()
+            if kw in taken and kw not in exclude}
+
+
+def schedule_from(obj, **fields) -> PruneSchedule:
+    """The PruneSchedule equivalent to an object built from keywords (its attributes)."""
+    values = {field: getattr(obj, kw) for kw, field in SCHEDULE_KEYWORDS.items()
+              if kw != "decay" and hasattr(obj, kw) and getattr(obj, kw) is not None}
+    if getattr(obj, "decay", None) is not None:
+        values["srste_decay"] = obj.decay
+    values.update(fields)
+    return PruneSchedule(**values)
 
 
 def validate_schedule(target: float, start: int, end: int, schedule: str = "cubic",
