@@ -218,10 +218,23 @@ static void F(group_keys)(const T *score, int64_t len, int64_t m, int64_t n, K *
   int pick[MAX_M];
   T cost;
   if (m == 4) {
-    _Pragma("omp simd private(pick, cost)")
+    /* GROUP_COST(4, ...) written out: the ranks from the 6 pairs (j < i: s_j <= s_i
+       counts for i, s_i < s_j for j), the same sum in index order. */
+    const int drop = (int)(4 - n);
+    _Pragma("omp simd")
     for (int64_t g = 0; g < len / 4; g++) {
-      GROUP_COST(4, score + 4 * g, 4 - n, cost, pick);
-      keys[g] = cost == -(T)INFINITY ? (K)0 : KEYF(cost);
+      const T s0 = score[4 * g], s1 = score[4 * g + 1], s2 = score[4 * g + 2],
+              s3 = score[4 * g + 3];
+      const int r0 = (s1 < s0) + (s2 < s0) + (s3 < s0);
+      const int r1 = (s0 <= s1) + (s2 < s1) + (s3 < s1);
+      const int r2 = (s0 <= s2) + (s1 <= s2) + (s3 < s2);
+      const int r3 = (s0 <= s3) + (s1 <= s3) + (s2 <= s3);
+      T c = 0;
+      c += r0 < drop ? s0 : (T)0;
+      c += r1 < drop ? s1 : (T)0;
+      c += r2 < drop ? s2 : (T)0;
+      c += r3 < drop ? s3 : (T)0;
+      keys[g] = c == -(T)INFINITY ? (K)0 : KEYF(c);
     }
     return;
   }
@@ -242,10 +255,13 @@ static void F(prune_group)(const int64_t *p, const T *score, int64_t first, int6
 }
 
 /* Pass 1 over the groups of an N:M pattern: histogram of the top 16 bits of every
-   group's cost key into hist[NBINS] (hist[0]: groups already N:M). The tensors'
-   sizes are multiples of m; ptrs as prune_hist. */
+   group's cost key into hist[NBINS] (hist[0]: groups already N:M), and those 16 bits
+   of group j (offsets[t]: the index of tensor t's first group among all groups) into
+   bins[j] when bins is not NULL, so that pass 2 recomputes only the groups it prunes
+   or must rank. The tensors' sizes are multiples of m; ptrs as prune_hist. */
 int F(nm_hist)(int64_t nt, const int64_t *ptrs, const int64_t *numel, const double *eps,
-               int variant, int64_t n, int64_t m, int64_t *hist, int nthreads) {
+               const int64_t *offsets, int variant, int64_t n, int64_t m, int64_t *hist,
+               uint16_t *bins, int nthreads) {
   if (m > MAX_M || SUB % m) return -2;
   int64_t nchunks;
   Chunk *chunks = make_chunks(nt, numel, &nchunks);
@@ -269,6 +285,10 @@ int F(nm_hist)(int64_t nt, const int64_t *ptrs, const int64_t *numel, const doub
         const int64_t len = chunks[c].hi - lo < SUB ? chunks[c].hi - lo : SUB;
         F(scores)(p, (T)eps[t], variant, lo, len, score);
         F(group_keys)(score, len, m, n, keys);
+        if (bins) {
+          uint16_t *out = bins + offsets[t] + lo / m;
+          for (int64_t g = 0; g < len / m; g++) out[g] = (uint16_t)(keys[g] >> SHIFT);
+        }
         for (int64_t g = 0; g < len / m; g++) local[keys[g] >> SHIFT]++;
       }
     }
@@ -282,25 +302,72 @@ int F(nm_hist)(int64_t nt, const int64_t *ptrs, const int64_t *numel, const doub
   return failed ? -1 : 0;
 }
 
+/* Group j of the groups [g0, g1) of tensor t (p, eps) in pass 2: pruned when its cost
+   bin is below `bin` (and the group not N:M already, bin 0), a candidate when in it. */
+#define NM_VISIT(P, EPS, T_, G, BIN_OF_G)                                               \
+  do {                                                                                  \
+    const int64_t b_ = (BIN_OF_G), first_ = (G) * m;                                    \
+    T gs_[MAX_M];                                                                       \
+    if (b_ == 0 || b_ > bin) break;                                                     \
+    F(scores)((P), (EPS), variant, first_, m, gs_);                                     \
+    if (b_ < bin) {                                                                     \
+      F(prune_group)((P), gs_, first_, m, n);                                           \
+    } else {                                                                            \
+      K key_;                                                                           \
+      int64_t slot_;                                                                    \
+      F(group_keys)(gs_, m, m, n, &key_);                                               \
+      _Pragma("omp atomic capture")                                                     \
+      slot_ = found++;                                                                  \
+      if (slot_ < ncand) { cand[slot_].key = key_; cand[slot_].idx = offsets[T_] + (G); } \
+    }                                                                                   \
+  } while (0)
+
 /* Pass 2: every group whose cost bin is below `bin` loses its m - n lowest entries,
    and of the `ncand` groups in `bin` the r smallest by (cost key, group index) do;
-   offsets[t] is the index of tensor t's first group among all groups. Returns the
-   candidates found (== ncand unless the inputs changed), -1 (no memory). */
+   offsets[t] is the index of tensor t's first group among all groups. With the bins
+   of pass 1 (not NULL) only the groups pruned or ranked are scored again: the others
+   are skipped 64 bins at a time; without, every group is. Returns the candidates
+   found (== ncand unless the inputs changed), -1 (no memory). */
 int64_t F(nm_apply)(int64_t nt, const int64_t *ptrs, const int64_t *numel, const double *eps,
                     const int64_t *offsets, int variant, int64_t n, int64_t m, int64_t bin,
-                    int64_t ncand, int64_t r, int nthreads) {
+                    int64_t ncand, int64_t r, const uint16_t *bins, int nthreads) {
   int64_t nchunks, found = 0;
   Chunk *chunks = make_chunks(nt, numel, &nchunks);
   Cand *cand = (Cand *)malloc(sizeof(Cand) * (size_t)(ncand ? ncand : 1));
   if (!chunks || !cand) { free(chunks); free(cand); return -1; }
+  /* b in [1, bin] <=> (uint32)(b - 1) < lim (bin is at most NBINS) */
+  const uint32_t lim = (uint32_t)bin;
   #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t c = 0; c < nchunks; c++) {
     const int64_t t = chunks[c].t, *p = ptrs + 6 * t;
+    const T e = (T)eps[t];
+    if (bins) {
+      const int64_t g0 = chunks[c].lo / m, g1 = chunks[c].hi / m;
+      const uint16_t *tb = bins + offsets[t];
+      for (int64_t g = g0; g < g1; g += 64) {
+        const int64_t len = g1 - g < 64 ? g1 - g : 64;
+        int any = 0;
+        for (int64_t i = 0; i < len; i++) any |= (uint32_t)((int32_t)tb[g + i] - 1) < lim;
+        if (!any) continue;
+        /* the groups to visit are scattered: fetch their entries together first */
+        int idx[64], cnt = 0;
+        for (int i = 0; i < (int)len; i++) {
+          idx[cnt] = i;
+          cnt += (uint32_t)((int32_t)tb[g + i] - 1) < lim;
+        }
+        for (int j = 0; j < cnt; j++) {
+          const int64_t at = (g + idx[j]) * m;
+          for (int s = 0; s < 3; s++) __builtin_prefetch((const T *)p[s] + at, 1);
+        }
+        for (int j = 0; j < cnt; j++) NM_VISIT(p, e, t, g + idx[j], (int64_t)tb[g + idx[j]]);
+      }
+      continue;
+    }
     T score[SUB];
     K keys[SUB];
     for (int64_t lo = chunks[c].lo; lo < chunks[c].hi; lo += SUB) {
       const int64_t len = chunks[c].hi - lo < SUB ? chunks[c].hi - lo : SUB;
-      F(scores)(p, (T)eps[t], variant, lo, len, score);
+      F(scores)(p, e, variant, lo, len, score);
       F(group_keys)(score, len, m, n, keys);
       for (int64_t g = 0; g < len / m; g++) {
         const int64_t b = (int64_t)(keys[g] >> SHIFT);
@@ -329,6 +396,7 @@ int64_t F(nm_apply)(int64_t nt, const int64_t *ptrs, const int64_t *numel, const
   free(cand);
   return found;
 }
+#undef NM_VISIT
 
 /* ----------------------------------------------------------------- the masked norm */
 

@@ -177,12 +177,15 @@ def prune_nm(opt: AdamWPrune, kernels: cpu_kernels.Kernels,
             offsets.append(groups)
             groups += tiled[i][0].numel() // m
         dtype = tiled[members[0]][0].dtype
-        hist = kernels.nm_hist(dtype, ptrs, numel, eps, variant, n, m)
+        # Each group's histogram bin (2 B per group, freed after the update): the second
+        # pass then scores again only the groups it prunes or ranks.
+        bins = torch.empty(groups, dtype=torch.int16)
+        hist = kernels.nm_hist(dtype, ptrs, numel, eps, offsets, variant, n, m, bins)
         cut = _threshold(hist, num_to_prune(fraction, groups), groups)
         if cut is None:  # massive exact ties: the plain rule redoes every set (those
             return False  # done already are N:M groups at -inf cost: the same result)
         if cut[0] > 0:
-            kernels.nm_apply(dtype, ptrs, numel, eps, offsets, variant, n, m, *cut)
+            kernels.nm_apply(dtype, ptrs, numel, eps, offsets, variant, n, m, *cut, bins)
     return True
 
 

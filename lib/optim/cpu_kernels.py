@@ -114,13 +114,16 @@ class Kernels:
             raise MemoryError("prune_hist could not allocate its histograms")
         return hist
 
-    def nm_hist(self, dtype: torch.dtype, ptrs: array, numel: array, eps: array, variant: int,
-                n: int, m: int) -> torch.Tensor:
+    def nm_hist(self, dtype: torch.dtype, ptrs: array, numel: array, eps: array, offsets: array,
+                variant: int, n: int, m: int, bins: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Histogram of the top 16 bits of every N:M group's cost key; bin 0 = groups
-        already N:M."""
+        already N:M. ``bins`` (int16, one per group, or None): each group's bin, for
+        nm_apply."""
         hist = torch.zeros(NBINS, dtype=torch.int64)
         status = self._fn("nm_hist", dtype)(len(numel), _addr(ptrs), _addr(numel), _addr(eps),
-                                           variant, n, m, _addr(hist), torch.get_num_threads())
+                                           _addr(offsets), variant, n, m, _addr(hist),
+                                           0 if bins is None else _addr(bins),
+                                           torch.get_num_threads())
         if status == -2:
             raise ValueError(f"groups of {m} are not in the kernels' range {NM_GROUPS}")
         if status:
@@ -129,10 +132,12 @@ class Kernels:
 
     def nm_apply(self, dtype: torch.dtype, ptrs: array, numel: array, eps: array,
                  offsets: array, variant: int, n: int, m: int, bin_: int, ncand: int,
-                 r: int) -> None:
-        """Make N:M every group below ``bin_`` and the ``r`` cheapest of its ``ncand``."""
+                 r: int, bins: Optional[torch.Tensor] = None) -> None:
+        """Make N:M every group below ``bin_`` and the ``r`` cheapest of its ``ncand``;
+        with nm_hist's ``bins`` only those groups are scored again."""
         found = self._fn("nm_apply", dtype)(len(numel), _addr(ptrs), _addr(numel), _addr(eps),
                                             _addr(offsets), variant, n, m, bin_, ncand, r,
+                                            0 if bins is None else _addr(bins),
                                             torch.get_num_threads())
         if found < 0:
             raise MemoryError(f"nm_apply could not allocate {ncand} candidates")
@@ -194,8 +199,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "prune_hist": ([i64, ptr, ptr, ptr, i32, ptr, i32], i32),
         "prune_apply": ([i64, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i32], i64),
         "masked_sqnorm": ([i64, ptr, ptr, ptr, i32], ctypes.c_double),
-        "nm_hist": ([i64, ptr, ptr, ptr, i32, i64, i64, ptr, i32], i32),
-        "nm_apply": ([i64, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, i32], i64),
+        "nm_hist": ([i64, ptr, ptr, ptr, ptr, i32, i64, i64, ptr, ptr, i32], i32),
+        "nm_apply": ([i64, ptr, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, ptr, i32], i64),
     }
     for suffix in ("f32", "f64"):
         for name, (args, result) in signatures.items():
