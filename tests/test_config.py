@@ -121,7 +121,7 @@ def test_every_kconfig_symbol_is_read_by_code():
     unread = [f.name for f in C.FIELDS if f.name not in generated and not re.search(rf"\.{f.name}\b", code)]
     assert not unread, f"Config fields read by no code: {unread}"
     # the registry-generated selections are read by one getattr over REGISTRY_AXES
-    assert 'getattr(cfg, f"matrix_{axis}_{n}")' in (ROOT / "lib" / "run" / "matrix.py").read_text()
+    assert 'getattr(cfg, f"matrix_{axis}_{n}")' in (ROOT / "lib" / "run" / "cells.py").read_text()
 
 
 def _choice_members(kconf, choice: str) -> list[str]:

@@ -147,7 +147,7 @@ def test_nm_with_n_not_below_m_is_refused():
 
 
 def test_matrix_makes_only_the_cells_each_method_supports():
-    from adamwprune.run.matrix import expand_base
+    from adamwprune.run.cells import expand_base
 
     sel = {"MATRIX": "y", "MATRIX_MODEL_LENET5": "y", "MATRIX_OPTIMIZER_ADAMW": "y",
            "MATRIX_OPTIMIZER_ADAMWPRUNE": "y", "MATRIX_PRUNING_NONE": "n", "MATRIX_PRUNING_MAGNITUDE": "y",

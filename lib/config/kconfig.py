@@ -30,7 +30,7 @@ REGISTRY_AXES: dict[str, tuple[str, ...]] = {
 
 
 def _axis_fields(*axes: str) -> tuple["Field", ...]:
-    """One selection per registry entry, read by matrix.matrix_axes as matrix_<axis>_<name>."""
+    """One selection per registry entry, read by cells.matrix_axes as matrix_<axis>_<name>."""
     return tuple(Field(f"matrix_{axis}_{name}", f"MATRIX_{axis.upper()}_{name.upper()}", "bool")
                  for axis in axes for name in REGISTRY_AXES[axis])
 

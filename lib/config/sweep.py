@@ -86,7 +86,7 @@ def problems(kconf, cfg) -> list[str]:
     cell of the matrix, and must survive into a valid configuration.
     """
     from . import kconfig as C
-    from ..run.matrix import expand_base
+    from ..run.cells import expand_base
 
     try:
         axes = parse(cfg.matrix_sweep)
