@@ -360,7 +360,7 @@ def _engine_cfg(device: torch.device, steps: int):
 
 
 def _engine_seconds(device: torch.device, steps: int) -> float:
-    from .cli import load_task
+    from .engine.tasks import load_task
     from .engine.trainer import Trainer
 
     cfg = _engine_cfg(device, steps)
@@ -373,7 +373,7 @@ def _engine_seconds(device: torch.device, steps: int) -> float:
 
 def _bare_seconds(device: torch.device, first: int, steps: int) -> float:
     """A plain loop on the engine's own objects: same task, model, data, optimizer, pruner."""
-    from .cli import load_task
+    from .engine.tasks import load_task
     from .engine.trainer import Budget, seed_everything
     from .registry import build_optimizer, build_pruner
 

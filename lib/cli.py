@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from .run.atomic import DiskFullError, write_text_atomic
 from .config.kconfig import ROOT, ConfigError, load, parse_set
 from .run.locks import HELD_ENV, LockBusy, die_with_parent, lock_run
 from .run.rundir import new_run_path, read_json, run_name
+from .engine.tasks import load_task  # noqa: F401  (adamwprune.cli.load_task, as before)
 
 # Exit statuses a matrix runner reads to judge a cell (matrix._finish).
 EXIT_USAGE, EXIT_DIVERGED, EXIT_CORRUPT_CHECKPOINT, EXIT_DISK_FULL = 2, 3, 4, 5
@@ -51,17 +51,6 @@ def exit_status(exc: BaseException, cmd: str = "") -> int:
 
 
 # --------------------------------------------------------------------- tasks
-def load_task(model: str, root: Path = ROOT):
-    """The TASK object of <root>/<model>/train.py."""
-    path = root / model / "train.py"
-    if not path.is_file():
-        raise ConfigError(f"model {model!r} has no task file at {path}")
-    spec = importlib.util.spec_from_file_location(f"adamwprune_task_{model}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TASK
-
-
 def cell_id(cfg) -> str:
     """The run's name, as the matrix names its cells."""
     from .registry import pattern_of, target_of

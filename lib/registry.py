@@ -206,7 +206,7 @@ def target_of(cfg) -> float:
         return 0.0
     if cfg.prune_pattern == "nm":
         if not 0 < cfg.nm_n < cfg.nm_m:
-            from .config.kconfig import ConfigError
+            from .config.errors import ConfigError
 
             raise ConfigError(f"PRUNING_NM_N={cfg.nm_n}, PRUNING_NM_M={cfg.nm_m}: N:M keeps N of every M "
                               "entries, so 0 < N < M (2:4 is the GPU pattern)")

@@ -183,8 +183,8 @@ def test_semi_structured_path_refuses_without_a_capable_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_semi_structured_linear_matches_dense_on_the_gpu():
-    from adamwprune.inference.semi_structured import (available, bench_two_four,
-                                                      semi_structured_linears, to_two_four)
+    from adamwprune.inference.bench import bench_two_four
+    from adamwprune.inference.semi_structured import available, semi_structured_linears, to_two_four
 
     if not available()[0]:
         pytest.skip(available()[1])

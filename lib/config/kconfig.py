@@ -20,6 +20,7 @@ import kconfiglib
 from ..registry import DISTRIBUTIONS, MODELS, OPTIMIZERS, PATTERN_KINDS, PRUNERS, VARIANTS
 
 from ..paths import ROOT  # the checkout (Kconfig lives here)
+from .errors import ConfigError  # noqa: F401  (adamwprune.config.kconfig.ConfigError, as before)
 
 # The matrix axes whose values are registry names: one MATRIX_<AXIS>_<NAME> selection each.
 REGISTRY_AXES: dict[str, tuple[str, ...]] = {
@@ -33,10 +34,6 @@ def _axis_fields(*axes: str) -> tuple["Field", ...]:
     """One selection per registry entry, read by cells.matrix_axes as matrix_<axis>_<name>."""
     return tuple(Field(f"matrix_{axis}_{name}", f"MATRIX_{axis.upper()}_{name.upper()}", "bool")
                  for axis in axes for name in REGISTRY_AXES[axis])
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message is one line naming symbol, value and fix."""
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+import importlib.util
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..paths import ROOT
 
 
 @dataclass
@@ -120,3 +124,16 @@ class CifarTask(ClassificationTask):
     def eval_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         x, y = batch
         return super().eval_sums(model, (self._prepare(x), y))
+
+
+def load_task(model: str, root: Path = ROOT):
+    """The TASK object of <root>/<model>/train.py."""
+    path = root / model / "train.py"
+    if not path.is_file():
+        from ..config.errors import ConfigError
+
+        raise ConfigError(f"model {model!r} has no task file at {path}")
+    spec = importlib.util.spec_from_file_location(f"adamwprune_task_{model}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TASK

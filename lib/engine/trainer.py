@@ -349,7 +349,7 @@ class Trainer:
         """Evaluate saved weights (best.pt's "model") on the test split of this trainer's
         config, without building an optimizer, a pruner or a sampler (`make evaluate`):
         the task's evaluation sums (with ``_examples``)."""
-        from ..run.evaluate import load_weights
+        from ..run.checkpoint import load_weights
 
         self.device = select_device("auto", self.dist)
         self.data = self.task.build_data(self.cfg)

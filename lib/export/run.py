@@ -158,7 +158,7 @@ BPE_DATASETS = ("text", "finewebedu")  # tokenized with tiktoken's GPT-2 BPE
 
 def export_run(run_dir: os.PathLike, quiet: bool = False) -> dict:
     """Export a run's best.pt into ``<run>/export/``; returns what export.json holds."""
-    from ..cli import load_task
+    from ..engine.tasks import load_task
 
     run_dir = Path(run_dir)
     state, cfg = load_best(run_dir)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..params import prunable_parameters
@@ -275,7 +276,7 @@ def _model_from_source(source: dict) -> nn.Module:
 
 def _run_model(run_dir: Path):
     """(model, where its weights came from, cfg) of a run: export/model.safetensors, else best.pt."""
-    from ..cli import load_task
+    from ..engine.tasks import load_task
     from ..export.run import EXPORT_DIR, build_model, load_best, load_exported
 
     state, cfg = load_best(run_dir)
@@ -329,7 +330,7 @@ def synthetic(device: torch.device, models: list[str], sparsities=SPARSITIES, re
         elif kind == "tokens" and semi_structured.available(device)[0]:
             n_embd = build().config.n_embd
             shapes = {k: v for k, v in gpt_linear_shapes(n_embd).items() if k.startswith("mlp")}
-            result["two_four_gpu"] = {layer: {str(t): semi_structured.bench_two_four(
+            result["two_four_gpu"] = {layer: {str(t): bench_two_four(
                 shape, t, repeats, warmup) for t in (batches[1], 4 * batches[1])}
                 for layer, shape in shapes.items()}
     result["headline"] = headline(result)
@@ -437,3 +438,24 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@torch.no_grad()
+def bench_two_four(shape: tuple[int, int], tokens: int, repeats: int, warmup: int,
+                   dtype: torch.dtype = torch.bfloat16) -> dict:
+    """One Linear layer on the GPU in ``dtype``: dense against 2:4 semi-structured."""
+    from torch.sparse import to_sparse_semi_structured
+
+    from .semi_structured import to_two_four
+
+    device = torch.device("cuda")
+    out_f, in_f = shape
+    torch.manual_seed(0)
+    w = to_two_four(torch.randn(out_f, in_f, device=device)).to(dtype)
+    packed = to_sparse_semi_structured(w)
+    x = torch.randn(tokens, in_f, device=device, dtype=dtype)
+    err = (F.linear(x, packed) - F.linear(x, w)).abs().max().item()
+    times = timed({"dense": lambda: F.linear(x, w), "two_four": lambda: F.linear(x, packed)},
+                  repeats, warmup, device)
+    return {"times": times, "speedup": times["dense"]["median_ms"] / times["two_four"]["median_ms"],
+            "max_abs_diff_vs_dense": err, "dtype": str(dtype).replace("torch.", "")}

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 MIN_CAPABILITY = (8, 0)
@@ -54,24 +53,3 @@ def semi_structured_linears(model: nn.Module) -> int:
             child.weight = nn.Parameter(to_sparse_semi_structured(w.detach()), requires_grad=False)
             count += 1
     return count
-
-
-@torch.no_grad()
-def bench_two_four(shape: tuple[int, int], tokens: int, repeats: int, warmup: int,
-                   dtype: torch.dtype = torch.bfloat16) -> dict:
-    """One Linear layer on the GPU in ``dtype``: dense against 2:4 semi-structured."""
-    from torch.sparse import to_sparse_semi_structured
-
-    from .bench import timed
-
-    device = torch.device("cuda")
-    out_f, in_f = shape
-    torch.manual_seed(0)
-    w = to_two_four(torch.randn(out_f, in_f, device=device)).to(dtype)
-    packed = to_sparse_semi_structured(w)
-    x = torch.randn(tokens, in_f, device=device, dtype=dtype)
-    err = (F.linear(x, packed) - F.linear(x, w)).abs().max().item()
-    times = timed({"dense": lambda: F.linear(x, w), "two_four": lambda: F.linear(x, packed)},
-                  repeats, warmup, device)
-    return {"times": times, "speedup": times["dense"]["median_ms"] / times["two_four"]["median_ms"],
-            "max_abs_diff_vs_dense": err, "dtype": str(dtype).replace("torch.", "")}

@@ -31,3 +31,19 @@ def load(path: Path, map_location: Any = "cpu") -> dict:
                 else "delete it; it cannot be read")
         raise CheckpointError(f"{path}: corrupt checkpoint ({type(exc).__name__}: {str(exc)[:80]}); "
                               f"{hint}") from None
+
+
+def load_weights(model, weights: dict, where: Path) -> None:
+    """load_state_dict, with one line for names or shapes that do not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
+    if missing or unexpected or shapes:
+        from ..config.errors import ConfigError
+
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
+        raise ConfigError(f"{where}: its weights do not fit the {type(model).__name__} model of the run: "
+                          f"{', '.join(parts)} of {len(own)} names")
+    model.load_state_dict(weights)

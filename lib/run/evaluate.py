@@ -45,20 +45,6 @@ def check_checkpoint_config(run_dir: Path, stored: dict, state: dict) -> None:
                           f"{', ...' if len(diffs) > 4 else ''}); copy the run's own best.pt back")
 
 
-def load_weights(model, weights: dict, where: Path) -> None:
-    """load_state_dict, with one line for names or shapes that do not fit."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    shapes = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
-                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
-        raise ConfigError(f"{where}: its weights do not fit the {type(model).__name__} model of the run: "
-                          f"{', '.join(parts)} of {len(own)} names")
-    model.load_state_dict(weights)
-
-
 def eval_config(stored: dict, dataset: Optional[str], data_dir: Optional[str]):
     """The run's configuration with the dataset to evaluate; another dataset is
     split as its own defaults say (the validation size decides the embedded split)."""
@@ -88,7 +74,7 @@ def _dataset_defaults(model: str, dataset: str):
 def evaluate_run(run_dir: Path, data_dir: Optional[str] = None, dataset: Optional[str] = None) -> dict:
     """Evaluate best.pt of `run_dir` on the test split of `dataset` (default: the
     run's) under `data_dir` (default: the run's); writes and returns eval.json."""
-    from ..cli import load_task
+    from ..engine.tasks import load_task
     from ..engine.trainer import Trainer
     from ..engine.distributed import DistContext
 
