@@ -216,12 +216,7 @@ class AdamWPrune(torch.optim.Optimizer):
         distribution and seed) come from it; ``kwargs`` are the optimizer's other options.
         ``prune_schedule`` is then this very object."""
         exclude = () if kwargs.get("regrow") else ("drop_fraction", "distribution", "seed")
-        given = schedule_keywords(cls.__init__, schedule, exclude)
-        clash = sorted(set(given) & set(kwargs))
-        if clash:
-            raise ValueError(f"AdamWPrune.from_schedule: {', '.join(clash)} come(s) from the "
-                             "schedule; set them in the PruneSchedule instead")
-        opt = cls(params, **given, **kwargs)
+        opt = cls(params, **schedule_keywords(cls, schedule, kwargs, exclude))
         opt._schedule_record = schedule
         return opt
 

@@ -120,12 +120,7 @@ class Pruner:
         """Build from one :class:`PruneSchedule` (what the registry does): every schedule
         keyword this class takes comes from it; ``kwargs`` are the class's other options.
         The pruner's ``prune_schedule`` is then this very object."""
-        given = schedule_keywords(cls.__init__, schedule)
-        clash = sorted(set(given) & set(kwargs))
-        if clash:
-            raise ValueError(f"{cls.__name__}.from_schedule: {', '.join(clash)} come(s) from the "
-                             "schedule; set them in the PruneSchedule instead")
-        pruner = cls(model, **given, **kwargs)
+        pruner = cls(model, **schedule_keywords(cls, schedule, kwargs))
         pruner._schedule_record = schedule
         if optimizer is not None:
             pruner.attach(optimizer)

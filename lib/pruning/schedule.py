@@ -53,13 +53,20 @@ SCHEDULE_KEYWORDS = {
 }
 
 
-def schedule_keywords(fn, schedule: PruneSchedule, exclude=()) -> dict:
-    """The keyword arguments of ``fn`` (a constructor) that ``schedule`` provides."""
+def schedule_keywords(cls, schedule: PruneSchedule, kwargs: dict, exclude=()) -> dict:
+    """The keyword arguments of ``cls(...)`` built from ``schedule``: the schedule's fields
+    its constructor takes, plus ``kwargs`` (its other options); a keyword given both ways
+    is refused."""
     import inspect
 
-    taken = inspect.signature(fn).parameters
-    return {kw: getattr(schedule, field) for kw, field in SCHEDULE_KEYWORDS.items()
-            if kw in taken and kw not in exclude}
+    taken = inspect.signature(cls.__init__).parameters
+    given = {kw: getattr(schedule, field) for kw, field in SCHEDULE_KEYWORDS.items()
+             if kw in taken and kw not in exclude}
+    clash = sorted(set(given) & set(kwargs))
+    if clash:
+        raise ValueError(f"{cls.__name__}.from_schedule: {', '.join(clash)} come(s) from the "
+                         "schedule; set them in the PruneSchedule instead")
+    return {**given, **kwargs}
 
 
 def schedule_from(obj, **fields) -> PruneSchedule:
