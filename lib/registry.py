@@ -160,13 +160,14 @@ def _none(model, optimizer, schedule):
     return NoPruner(model, optimizer=optimizer)
 
 
-def _built(module: str, cls_name: str):
+def _built(where: str):
     """A pruner built from the run's PruneSchedule (Pruner.from_schedule maps its fields
-    onto the constructor's keywords)."""
+    onto the constructor's keywords). ``where``: "<module of adamwprune.pruning>.<Class>"."""
     def build(model, optimizer, s: PruneSchedule):
         import importlib
 
-        cls = getattr(importlib.import_module(f"adamwprune.pruning{module}"), cls_name)
+        module, cls_name = where.rsplit(".", 1)
+        cls = getattr(importlib.import_module(f"adamwprune.pruning.{module}"), cls_name)
         return cls.from_schedule(model, s, optimizer=optimizer)
     return build
 
@@ -174,21 +175,21 @@ def _built(module: str, cls_name: str):
 _RANKS = ("unstructured", "nm")
 PRUNERS: dict[str, PrunerInfo] = {
     "none": PrunerInfo("none", _none, "dense training", prunes=False, patterns=()),
-    "magnitude": PrunerInfo("magnitude", _built("", "MagnitudePruner"), "|w|, monotone masks",
+    "magnitude": PrunerInfo("magnitude", _built("magnitude.MagnitudePruner"), "|w|, monotone masks",
                             patterns=_RANKS),
-    "movement": PrunerInfo("movement", _built("", "MovementPruner"),
+    "movement": PrunerInfo("movement", _built("movement.MovementPruner"),
                            "Sanh et al. hard movement, scores in fp32", patterns=_RANKS),
-    "state": PrunerInfo("state", _built("", "StatePruner"), "AdamWPrune prunes from its own state",
+    "state": PrunerInfo("state", _built("state.StatePruner"), "AdamWPrune prunes from its own state",
                         optimizer_prunes=True, requires_optimizer=("adamwprune",), patterns=_RANKS,
                         uses_variant=True, baseline="magnitude"),
-    "state_regrow": PrunerInfo("state_regrow", _built("", "StatePruner"), "AdamWPrune drops by its score, regrows by |g|",
+    "state_regrow": PrunerInfo("state_regrow", _built("state.StatePruner"), "AdamWPrune drops by its score, regrows by |g|",
                                optimizer_prunes=True, requires_optimizer=("adamwprune",),
                                dynamic=True, uses_variant=True, baseline="rigl"),
-    "srste": PrunerInfo("srste", _built(".srste", "SRSTEPruner"), "SR-STE: N:M from scratch (Zhou et al. 2021)",
+    "srste": PrunerInfo("srste", _built("srste.SRSTEPruner"), "SR-STE: N:M from scratch (Zhou et al. 2021)",
                         patterns=("nm",), ramps=False),
-    "rigl": PrunerInfo("rigl", _built(".dst", "RigLPruner"), "RigL: drop |w|, grow |g| (Evci et al. 2020)",
+    "rigl": PrunerInfo("rigl", _built("dst.RigLPruner"), "RigL: drop |w|, grow |g| (Evci et al. 2020)",
                        dynamic=True),
-    "set": PrunerInfo("set", _built(".dst", "SETPruner"), "SET: drop |w|, grow at random (Mocanu et al. 2018)",
+    "set": PrunerInfo("set", _built("dst.SETPruner"), "SET: drop |w|, grow at random (Mocanu et al. 2018)",
                       dynamic=True),
 }
 
